@@ -1,0 +1,279 @@
+"""The Aquila / LLaMA decoder as pure functions over a parameter pytree.
+
+    params = init_params(config, seed)
+    logits, cache = forward(params, tokens, config)
+    loss, n_tokens = loss_fn(params, {"input_ids": x, "labels": y}, config)
+
+Weights are stored (out, in) like nn.Linear (`y = x @ w.T`) under Hugging Face-style roles,
+so interop is a renaming. Norms, softmax and the loss run in fp32; matmuls run in
+`compute_dtype` (default: the dtype of the parameters).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import ops
+from aquila_fn import pytree
+from aquila_fn.config import ModelConfig
+
+Params = dict[str, Any]
+RECOMPUTE_POLICIES = ("none", "full", "selective")
+
+
+class TokenError(ValueError):
+    """A token id outside the model's vocabulary."""
+
+
+# ----------------------------------------------------------------------------- initialisation
+
+
+def param_shapes(config: ModelConfig, dtype: torch.dtype = torch.float32) -> Params:
+    """The parameter tree as meta tensors: shapes and dtypes, no storage."""
+    d, f, hd = config.dim, config.ffn_dim, config.head_dim
+
+    def t(*shape):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    def layer():
+        return {
+            "attn_norm": t(d),
+            "attn": {"wq": t(config.n_heads * hd, d), "wk": t(config.kv_dim, d),
+                     "wv": t(config.kv_dim, d), "wo": t(d, config.n_heads * hd)},
+            "mlp_norm": t(d),
+            "mlp": {"w_gate": t(f, d), "w_up": t(f, d), "w_down": t(d, f)},
+        }
+
+    params = {"embed": t(config.vocab_size, d), "layers": [layer() for _ in range(config.n_layers)],
+              "norm": t(d)}
+    if not config.tie_embeddings:
+        params["lm_head"] = t(config.vocab_size, d)
+    return params
+
+
+def leaf_seed(seed: int, path: str) -> int:
+    """A leaf's random stream depends only on (seed, path), never on creation order."""
+    digest = hashlib.sha256(f"{seed}:{path}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def init_leaf(path: str, shape: torch.Size, config: ModelConfig, seed: int,
+              dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Materialise one leaf: norms are ones; matrices N(0, std), with the residual-output
+    projections (wo, w_down) scaled by 1/sqrt(2·n_layers) as Megatron's scaled init does."""
+    if path.endswith("norm"):
+        return torch.ones(shape, dtype=dtype, device=device)
+    std = config.init_std
+    if path.endswith(("wo", "w_down")):
+        std /= math.sqrt(2 * config.n_layers)
+    gen = torch.Generator().manual_seed(leaf_seed(seed, path))
+    values = torch.randn(shape, generator=gen, dtype=torch.float32) * std
+    return values.to(dtype=dtype, device=device)
+
+
+def init_params(config: ModelConfig, seed: int, *, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu") -> Params:
+    """Initial parameters; `device="meta"` gives shapes only."""
+    shapes = param_shapes(config, dtype)
+    if torch.device(device).type == "meta":
+        return shapes
+    return pytree.map_with_path(lambda p, x: init_leaf(p, x.shape, config, seed, dtype, device), shapes)
+
+
+# ----------------------------------------------------------------------------- merged projections
+
+
+def merge_projections(params: Params) -> Params:
+    """AscendSpeed's merged layout: q/k/v and gate/up each become one matrix (one matmul)."""
+    layers = []
+    for layer in params["layers"]:
+        attn, mlp = layer["attn"], layer["mlp"]
+        layers.append({
+            **layer,
+            "attn": {"wqkv": torch.cat([attn["wq"], attn["wk"], attn["wv"]]), "wo": attn["wo"]},
+            "mlp": {"w_gate_up": torch.cat([mlp["w_gate"], mlp["w_up"]]), "w_down": mlp["w_down"]},
+        })
+    return {**params, "layers": layers}
+
+
+def split_projections(params: Params, config: ModelConfig) -> Params:
+    """Inverse of `merge_projections`: back to the Hugging Face interchange names."""
+    q, kv, f = config.n_heads * config.head_dim, config.kv_dim, config.ffn_dim
+    layers = []
+    for layer in params["layers"]:
+        attn, mlp = layer["attn"], layer["mlp"]
+        if "wqkv" not in attn:
+            layers.append(layer)
+            continue
+        wq, wk, wv = attn["wqkv"].split([q, kv, kv])
+        w_gate, w_up = mlp["w_gate_up"].split([f, f])
+        layers.append({**layer, "attn": {"wq": wq, "wk": wk, "wv": wv, "wo": attn["wo"]},
+                       "mlp": {"w_gate": w_gate, "w_up": w_up, "w_down": mlp["w_down"]}})
+    return {**params, "layers": layers}
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, *, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> list[dict[str, torch.Tensor]]:
+    """A static, preallocated KV cache: one {"k", "v"} of [batch, max_len, n_kv_heads, head_dim]
+    per layer. `forward` writes the new keys/values into it in place (the buffers are donated,
+    as in JAX) and returns it."""
+    shape = (batch, max_len, config.n_kv_heads, config.head_dim)
+    return [{"k": torch.zeros(shape, dtype=dtype, device=device),
+             "v": torch.zeros(shape, dtype=dtype, device=device)} for _ in range(config.n_layers)]
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def check_tokens(tokens: torch.Tensor, vocab_size: int) -> None:
+    if tokens.dtype not in (torch.int64, torch.int32):
+        raise TokenError(f"tokens must be an integer tensor, got {tokens.dtype}")
+    if tokens.numel() == 0:
+        return
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise TokenError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x @ w.to(x.dtype).T
+
+
+def _attention_block(p: Params, x: torch.Tensor, cos, sin, config: ModelConfig, kv: dict | None,
+                     slots: torch.Tensor | None, mask: torch.Tensor | None, impl: str,
+                     recompute_core: bool) -> torch.Tensor:
+    b, s, _ = x.shape
+    hd, h, kvh = config.head_dim, config.n_heads, config.n_kv_heads
+    if "wqkv" in p:
+        q, k, v = _linear(x, p["wqkv"]).split([h * hd, kvh * hd, kvh * hd], dim=-1)
+    else:
+        q, k, v = _linear(x, p["wq"]), _linear(x, p["wk"]), _linear(x, p["wv"])
+    q = ops.rotary(q.view(b, s, h, hd), cos, sin, impl=impl)
+    k = ops.rotary(k.view(b, s, kvh, hd), cos, sin, impl=impl)
+    v = v.view(b, s, kvh, hd)
+    if kv is not None:
+        kv["k"].index_copy_(1, slots, k.to(kv["k"].dtype))
+        kv["v"].index_copy_(1, slots, v.to(kv["v"].dtype))
+        k, v = kv["k"].to(q.dtype), kv["v"].to(q.dtype)
+    causal = mask is None
+
+    def core(q, k, v):
+        return ops.attention(q, k, v, causal=causal, mask=mask, impl=impl)
+
+    out = checkpoint(core, q, k, v, use_reentrant=False) if recompute_core else core(q, k, v)
+    return _linear(out.reshape(b, s, h * hd), p["wo"])
+
+
+def _mlp_block(p: Params, x: torch.Tensor, impl: str) -> torch.Tensor:
+    if "w_gate_up" in p:
+        gate, up = _linear(x, p["w_gate_up"]).chunk(2, dim=-1)
+    else:
+        gate, up = _linear(x, p["w_gate"]), _linear(x, p["w_up"])
+    return _linear(ops.swiglu(gate, up, impl=impl), p["w_down"])
+
+
+def _layer(p: Params, h: torch.Tensor, cos, sin, config: ModelConfig, kv, slots, mask, impl: str,
+           recompute_core: bool) -> torch.Tensor:
+    x = ops.rms_norm(h, p["attn_norm"], config.norm_eps, impl=impl)
+    h = h + _attention_block(p["attn"], x, cos, sin, config, kv, slots, mask, impl, recompute_core)
+    x = ops.rms_norm(h, p["mlp_norm"], config.norm_eps, impl=impl)
+    return h + _mlp_block(p["mlp"], x, impl)
+
+
+def _attention_mask(batch: int, q_len: int, k_len: int, start_pos, attn_mask, device) -> torch.Tensor | None:
+    """Boolean [B, 1, Sq, Sk] mask (True = may attend) when a cache or padding needs one; else None
+    and the attention op applies its own causal mask."""
+    if start_pos is None:
+        if attn_mask is None:
+            return None
+        start_pos = 0
+    q_slot = start_pos + torch.arange(q_len, device=device)
+    k_slot = torch.arange(k_len, device=device)
+    allowed = (k_slot[None, :] <= q_slot[:, None])[None, None]
+    if attn_mask is not None:
+        valid = attn_mask[:, None, None, :k_len].bool()
+        # A padding query has no valid key; letting it see itself keeps softmax finite.
+        allowed = allowed & (valid | (k_slot[None, :] == q_slot[:, None])[None, None])
+    return allowed.expand(batch, 1, q_len, k_len)
+
+
+def head_weight(params: Params) -> torch.Tensor:
+    return params["lm_head"] if "lm_head" in params else params["embed"]
+
+
+def forward(params: Params, tokens: torch.Tensor, config: ModelConfig, *, cache: list | None = None,
+            start_pos: int | torch.Tensor = 0, positions: torch.Tensor | None = None,
+            attn_mask: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None,
+            impl: str = "auto", recompute: str = "none", return_hidden: bool = False):
+    """Logits [B, S, V] (fp32) for `tokens` [B, S], and the cache.
+
+    With a cache, the tokens occupy slots start_pos..start_pos+S-1 and attend to every earlier
+    slot. `positions` [B, S] overrides the rotary positions (left-padded batches); `attn_mask`
+    [B, S_keys] marks real tokens (True) against padding. `return_hidden` returns the final
+    normed hidden state instead of logits (the fused loss projects it itself).
+    """
+    if recompute not in RECOMPUTE_POLICIES:
+        raise ValueError(f"recompute={recompute!r}; expected one of {RECOMPUTE_POLICIES}")
+    if not torch.compiler.is_compiling():
+        check_tokens(tokens, config.vocab_size)
+    b, s = tokens.shape
+    device = tokens.device
+    dtype = compute_dtype or params["embed"].dtype
+    h = F.embedding(tokens, params["embed"]).to(dtype)
+
+    if positions is None:
+        positions = start_pos + torch.arange(s, device=device)
+    cos, sin = ops.rope_table(config.max_seq_len, config.head_dim, config.rope_theta, dtype, device)
+    cos, sin = cos[positions], sin[positions]
+
+    slots = None if cache is None else start_pos + torch.arange(s, device=device)
+    k_len = cache[0]["k"].shape[1] if cache is not None else s
+    mask = _attention_mask(b, s, k_len, start_pos if cache is not None else None, attn_mask, device)
+
+    for i, p in enumerate(params["layers"]):
+        kv = None if cache is None else cache[i]
+        if recompute == "full" and torch.is_grad_enabled():
+            h = checkpoint(_layer, p, h, cos, sin, config, kv, slots, mask, impl, False,
+                           use_reentrant=False)
+        else:
+            h = _layer(p, h, cos, sin, config, kv, slots, mask, impl, recompute == "selective")
+
+    h = ops.rms_norm(h, params["norm"], config.norm_eps, impl=impl)
+    if return_hidden:
+        return h, cache
+    logits = _linear(h, head_weight(params)).float()
+    return logits, cache
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def loss_sum_fn(params: Params, batch: dict[str, torch.Tensor], config: ModelConfig, *,
+                compute_dtype: torch.dtype | None = None, impl: str = "auto",
+                recompute: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token losses in fp32, number of counted tokens); labels of -100 are ignored.
+
+    `batch["labels"][b, t]` is the target for position t (already shifted). The output projection
+    and the cross-entropy are fused and chunked, so [tokens, vocab] logits never exist at once.
+    """
+    hidden, _ = forward(params, batch["input_ids"], config, attn_mask=batch.get("attention_mask"),
+                        compute_dtype=compute_dtype, impl=impl, recompute=recompute, return_hidden=True)
+    w = head_weight(params).to(hidden.dtype)
+    return ops.cross_entropy(hidden.reshape(-1, hidden.shape[-1]), w, batch["labels"].reshape(-1),
+                             impl=impl)
+
+
+def loss_fn(params: Params, batch: dict[str, torch.Tensor], config: ModelConfig, **kwargs):
+    """(token-weighted mean loss, number of counted tokens)."""
+    total, count = loss_sum_fn(params, batch, config, **kwargs)
+    return total / count.clamp(min=1), count
