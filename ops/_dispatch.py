@@ -1,13 +1,19 @@
-"""Choosing an implementation per call, and the lazy torch_npu import."""
+"""Choosing an implementation per call, the lazy torch_npu import and lazily compiled kernels."""
 from __future__ import annotations
 
+import functools
 import importlib
+import warnings
 
 import torch
 
 IMPLS = ("auto", "reference", "fused", "npu")
 
 NPU_INSTALL_HINT = "pip install 'aquila-fn[npu]'"
+
+# Below this many elements an elementwise op is cheaper in eager mode than a compiled
+# kernel's call overhead, and small (test-sized) models never pay compilation time.
+MIN_FUSED_NUMEL = 1 << 15
 
 
 def check_impl(impl: str) -> None:
@@ -20,10 +26,57 @@ def is_npu(t: torch.Tensor) -> bool:
 
 
 def torch_npu():
-    """Import torch_npu on demand; the NPU paths are the only users."""
+    """Import torch_npu on demand; only the NPU paths need it."""
     try:
         return importlib.import_module("torch_npu")
-    except ImportError as e:  # give the user the one line that fixes it
+    except ImportError as e:  # name the one command that fixes it
         raise ImportError(
-            f"an NPU implementation was requested but torch_npu is not installed: "
-            f"{NPU_INSTALL_HINT}") from e
+            "an NPU implementation was requested but torch_npu is not installed; "
+            f"install it with: {NPU_INSTALL_HINT}") from e
+
+
+def is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _plain(t: torch.Tensor) -> bool:
+    # DTensor and other subclasses keep to eager reference math: no per-op compilation.
+    return type(t) in (torch.Tensor, torch.nn.Parameter)
+
+
+def resolve_elementwise(impl: str, x: torch.Tensor) -> str:
+    """auto for elementwise ops: npu on NPU; inside an outer torch.compile the reference
+    (inductor fuses it with its neighbours); otherwise the compiled kernel for large tensors."""
+    check_impl(impl)
+    if impl != "auto":
+        return impl
+    if is_npu(x):
+        return "npu"
+    if is_compiling() or not _plain(x) or x.numel() < MIN_FUSED_NUMEL:
+        return "reference"
+    return "fused"
+
+
+class LazyCompiled:
+    """torch.compile(fn) built on first use; if compilation fails (no C++ compiler, an
+    unsupported platform) it warns once and runs fn eagerly from then on."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.compiled = None
+        self.broken = False
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args, **kwargs):
+        if self.broken or is_compiling():
+            return self.fn(*args, **kwargs)
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn)
+        try:
+            return self.compiled(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            out = self.fn(*args, **kwargs)  # a genuine user error raises again here
+            self.broken = True  # eager works, so the backend is what failed: stop using it
+            warnings.warn(f"ops: compiling {self.fn.__name__} failed ({type(e).__name__}: {e}); "
+                          "using the eager reference", RuntimeWarning, stacklevel=2)
+            return out

@@ -5,22 +5,35 @@ import functools
 
 import torch
 
-from ._dispatch import check_impl, is_npu, torch_npu
+from ._dispatch import LazyCompiled, is_compiling, resolve_elementwise, torch_npu
+
+
+def _rope_table_compute(length, head_dim, theta, dtype, device):
+    # fp32 like Hugging Face and Meta's reference code, so parity tests agree bit for bit.
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device)
+                                .float() / head_dim))
+    t = torch.arange(length, dtype=torch.int64, device=device).float()
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)  # rotate-half: both halves share a frequency
+    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 @functools.lru_cache(maxsize=64)
 def _rope_table_cached(length, head_dim, theta, dtype, device):
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    t = torch.arange(length, dtype=torch.float64)
-    freqs = torch.outer(t, inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)  # rotate-half: both halves share a frequency
-    return emb.cos().to(device=device, dtype=dtype), emb.sin().to(device=device, dtype=dtype)
+    return _rope_table_compute(length, head_dim, theta, dtype, device)
 
 
 def rope_table(length: int, head_dim: int, theta: float = 10000.0,
                dtype: torch.dtype = torch.float32, device="cpu"):
-    """(cos, sin), each [length, head_dim], cached per (length, dim, theta, dtype, device)."""
-    return _rope_table_cached(int(length), int(head_dim), float(theta), dtype, torch.device(device))
+    """(cos, sin), each [length, head_dim], rotate-half layout.
+
+    Cached per (length, head_dim, theta, dtype, device): callers must not modify them in
+    place. Under torch.compile the table is computed in the graph (constant-folded).
+    """
+    key = (int(length), int(head_dim), float(theta), dtype, torch.device(device))
+    if is_compiling():
+        return _rope_table_compute(*key)
+    return _rope_table_cached(*key)
 
 
 def _rotate_half(x):
@@ -28,7 +41,7 @@ def _rotate_half(x):
     return torch.cat([-x2, x1], dim=-1)
 
 
-def _broadcast_table(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _per_head(t: torch.Tensor) -> torch.Tensor:
     # cos [S, hd] or [B, S, hd] -> [1|B, S, 1, hd] against x [B, S, H, hd]
     if t.dim() == 2:
         t = t.unsqueeze(0)
@@ -36,19 +49,27 @@ def _broadcast_table(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def rotary_reference(x, cos, sin):
-    c, s = _broadcast_table(cos, x), _broadcast_table(sin, x)
+    c, s = _per_head(cos), _per_head(sin)
     return (x * c + _rotate_half(x) * s).to(x.dtype)
 
 
+rotary_fused = LazyCompiled(rotary_reference)
+
+
 def rotary_npu(x, cos, sin):
-    c, s = _broadcast_table(cos, x).to(x.dtype), _broadcast_table(sin, x).to(x.dtype)
+    # npu_rotary_mul: 4-D x (here BSND) and 4-D tables (1S1D or BS1D) of x's dtype,
+    # rotary_mode "half" is the rotate-half layout.
+    c = _per_head(cos).to(x.dtype).contiguous()
+    s = _per_head(sin).to(x.dtype).contiguous()
     return torch_npu().npu_rotary_mul(x, c, s)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
            impl: str = "auto") -> torch.Tensor:
-    """x [B, S, H, hd] rotated by tables cos/sin [S, hd] or [B, S, hd]."""
-    check_impl(impl)
-    if impl == "npu" or (impl == "auto" and is_npu(x)):
+    """x [B, S, H, hd] rotated by cos/sin [S, hd] or [B, S, hd] (rotate-half); x.dtype out."""
+    impl = resolve_elementwise(impl, x)
+    if impl == "npu":
         return rotary_npu(x, cos, sin)
+    if impl == "fused":
+        return rotary_fused(x, cos, sin)
     return rotary_reference(x, cos, sin)
