@@ -105,9 +105,9 @@ def read_llama2c_header(path: str | os.PathLike) -> dict:
                 f"{p} is {actual} bytes, too short for a version-1 llama2.c header ({V1_HEADER_BYTES} bytes)")
         (version,) = struct.unpack("<i", head[4:8])
         if version != 1:
-            kind = "int8-quantised (Q8_0) " if version == 2 else ""
+            kind = " (int8-quantised, Q8_0)" if version == 2 else ""
             raise Llama2cFormatError(
-                f"{p} is a {kind}llama2.c file of version {version}; only float32 files "
+                f"{p} is a llama2.c file of version {version}{kind}; only float32 files "
                 f"(legacy version 0 and version 1) can be loaded")
         dims = struct.unpack("<7i", head[8:36])
         shared = bool(head[36])

@@ -293,7 +293,9 @@ class HFTokenizer(Tokenizer):
         if not vocab:
             raise TokenizerError(f"tokenizer from {self.path} has an empty vocabulary")
         self.vocab_size = max(vocab.values()) + 1
-        roles = dict(roles or {})
+        # Names from the side files that the vocabulary lacks are ignored (HF tolerates them);
+        # an explicit override that does not resolve is an error.
+        roles = {r: t for r, t in (roles or {}).items() if t in vocab}
         for role, given in (("bos", bos_token), ("eos", eos_token), ("pad", pad_token)):
             if given is not None:
                 roles[role] = given
