@@ -75,6 +75,11 @@ def test_config_and_layout(stories):
     assert sum(x.numel() for _, x in named_leaves(params)) == 260_032
 
 
+def test_load_dtype():
+    config, params = load_llama2c(BIN, dtype=torch.bfloat16)
+    assert all(x.dtype == torch.bfloat16 for _, x in named_leaves(params))
+
+
 def test_header():
     h = read_llama2c_header(BIN)
     assert (h["version"], h["dim"], h["hidden_dim"], h["n_layers"], h["n_heads"], h["n_kv_heads"],

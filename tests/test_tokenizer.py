@@ -280,6 +280,16 @@ def test_bpe_without_side_files_guesses_roles(bpe_dirs, tmp_path):
     assert tok.encode("a</s>")[-1] == n + 7
 
 
+def test_side_file_names_missing_from_vocab_are_ignored(bpe_dirs, tmp_path):
+    aquila, _, n = bpe_dirs
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / name).write_bytes((aquila / name).read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "</s>", "pad_token": "<pad-not-in-vocab>", "unk_token": "<unk>"}))
+    tok = load_tokenizer(tmp_path)
+    assert (tok.eos_id, tok.pad_id, tok.unk_id) == (n + 7, None, None)
+
+
 # ----------------------------------------------------------------------------- errors
 
 def test_missing_paths_are_named(tmp_path):
