@@ -14,6 +14,8 @@ from aquila_fn.model import (
 )
 from aquila_fn.pytree import flatten_dict, map_with_path, named_leaves, param_count, tree_map, unflatten_dict
 from aquila_fn.transforms import grad, value_and_grad
+from aquila_fn.tokenizer import Tokenizer, load_tokenizer, padded_vocab_size
+from aquila_fn.llama2c import load_llama2c, save_llama2c
 
 __all__ = [
     "ConfigError", "ModelConfig", "PRESETS", "get_config",
@@ -21,4 +23,5 @@ __all__ = [
     "merge_projections", "param_shapes", "split_projections",
     "flatten_dict", "map_with_path", "named_leaves", "param_count", "tree_map", "unflatten_dict",
     "grad", "value_and_grad",
+    "Tokenizer", "load_tokenizer", "padded_vocab_size", "load_llama2c", "save_llama2c",
 ]

@@ -65,8 +65,8 @@ class ModelConfig:
                 raise ConfigError(
                     f"tokenizer has {tokenizer_vocab} tokens but the config pins vocab_size={self.vocab_size}")
             return self
-        padded = -(-tokenizer_vocab // multiple) * multiple
-        return self.replace(vocab_size=padded)
+        from aquila_fn.tokenizer import padded_vocab_size
+        return self.replace(vocab_size=padded_vocab_size(tokenizer_vocab, multiple))
 
     def num_params(self) -> int:
         d, f, v = self.dim, self.ffn_dim, self.vocab_size
