@@ -45,7 +45,8 @@ __all__ = [
     "iter_records", "detect_format", "encode_documents", "build_indexed_dataset",
     "prepare_text_dataset", "tokenizer_fingerprint",
     "ALPACA_SYSTEM", "format_alpaca_prompt", "encode_instruction", "InstructionDataset",
-    "collate_instruction", "INSTRUCTION_KEYS", "IGNORE_INDEX",
+    "collate_instruction", "INSTRUCTION_KEYS", "IGNORE_INDEX", "build_instruction_datasets",
+    "packed_prefix", "index_bytes",
 ]
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
@@ -762,6 +763,39 @@ def encode_instruction(record: dict, tokenizer, max_len: int | None = None, *, b
     if max_len is not None:
         full, labels = full[:max_len], labels[:max_len]
     return {"input_ids": full, "attention_mask": [1] * len(full), "labels": labels}
+
+
+class _InstructionEncoder:
+    """Picklable ``fn(record, tok)`` for the worker pool."""
+
+    def __init__(self, max_len: int | None, bos: bool, eos: bool):
+        self.max_len, self.bos, self.eos = max_len, bos, eos
+
+    def __call__(self, record: dict, tok) -> dict[str, list[int]]:
+        return encode_instruction(record, tok, self.max_len, bos=self.bos, eos=self.eos)
+
+
+def build_instruction_datasets(records: Iterable[dict], tokenizer, prefix: str | os.PathLike, *,
+                               max_len: int | None = None, bos: bool = True, eos: bool = True,
+                               workers: int = 1, chunk_size: int = 64, progress: bool = False,
+                               total: int | None = None) -> str:
+    """Write ``<prefix>_packed_{input_ids,attention_mask,labels}_document`` (ModelLink's names), one
+    example per document, int32 (labels hold -100). Returns ``<prefix>_packed``."""
+    tok = _load_tok(tokenizer)
+    builders = {k: IndexedDatasetBuilder(packed_prefix(prefix, k), np.int32) for k in INSTRUCTION_KEYS}
+    try:
+        encoded = encode_documents(records, tok, _InstructionEncoder(max_len, bos, eos),
+                                   workers=workers, chunk_size=chunk_size)
+        for example in _progress(encoded, progress, total, f"{os.fspath(prefix)}_packed"):
+            for k, builder in builders.items():
+                builder.add_document(example[k])
+        for builder in builders.values():
+            builder.finalize()
+    except BaseException:
+        for builder in builders.values():
+            builder.abort()
+        raise
+    return os.fspath(prefix) + "_packed"
 
 
 class InstructionDataset:
