@@ -27,7 +27,9 @@ Each ``rank{r:05d}.msgpack`` is a stream of msgpack objects:
 
 Sharded runs write each rank's local blocks (``LocalShard`` leaves, or DTensors) with their global
 offsets; ``load_checkpoint`` on the directory reassembles every full tensor from all rank files.
-A single process writes offsets of zero and global_shape == shape.
+Plain tensors are taken as replicated and written by rank 0 only; DTensor replicas are written
+by the rank at coordinate 0 of each replicated mesh dim. A single process writes offsets of zero
+and global_shape == shape.
 """
 
 from __future__ import annotations
@@ -170,8 +172,11 @@ def _dtensor_block(t) -> LocalShard | None:
     return LocalShard(t.to_local(), tuple(t.shape), tuple(int(o) for o in offsets))
 
 
-def _leaf_block(path: str, leaf: Any) -> tuple[str, torch.Tensor | np.ndarray, tuple, tuple] | None:
-    """(kind, local data, global_shape, offsets), or None if this rank does not write the leaf."""
+def _leaf_block(path: str, leaf: Any, rank: int) -> tuple[str, torch.Tensor | np.ndarray, tuple, tuple] | None:
+    """(kind, local data, global_shape, offsets), or None if this rank does not write the leaf.
+
+    Plain tensors and arrays count as replicated: only rank 0 writes them. Rank-local values
+    (e.g. per-rank RNG states) must be given as ``LocalShard`` blocks of a larger tensor."""
     if isinstance(leaf, torch.Tensor) and type(leaf).__name__ == "DTensor":
         leaf = _dtensor_block(leaf)
         if leaf is None:
@@ -182,6 +187,8 @@ def _leaf_block(path: str, leaf: Any) -> tuple[str, torch.Tensor | np.ndarray, t
             raise CheckpointError(f"shard {path!r}: global_shape {leaf.global_shape} / offsets "
                                   f"{leaf.offsets} do not match the local rank {data.dim()}")
         return "torch", data, tuple(int(s) for s in leaf.global_shape), tuple(int(o) for o in leaf.offsets)
+    if rank != 0:
+        return None
     if isinstance(leaf, np.ndarray):
         return "numpy", leaf, tuple(leaf.shape), (0,) * leaf.ndim
     return "torch", leaf, tuple(leaf.shape), (0,) * leaf.dim()
@@ -246,7 +253,7 @@ def write_state_file(path: str | os.PathLike, state: Any, *, step: int, metadata
     _check_metadata(metadata)
     leaves: list = []
     structure = _encode_structure(state, "", leaves)
-    blocks = [(p, _leaf_block(p, leaf)) for p, leaf in leaves]
+    blocks = [(p, _leaf_block(p, leaf, rank)) for p, leaf in leaves]
     blocks = [(p, b) for p, b in blocks if b is not None]
     header = {
         "step": int(step), "rank": int(rank), "world_size": int(world_size), "metadata": metadata,
@@ -396,7 +403,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return {**header["metadata"], "step": header["step"]}
 
 
-def _assemble(path_name: str, pieces: list[tuple[dict, Any]], where: Path) -> Any:
+def _assemble(path_name: str, pieces: list[tuple[dict, Any]], where: Path, hint: str = "") -> Any:
     """One full tensor from its blocks (one block with zero offsets is returned as is)."""
     meta, value = pieces[0]
     global_shape = list(meta["global_shape"])
@@ -417,7 +424,7 @@ def _assemble(path_name: str, pieces: list[tuple[dict, Any]], where: Path) -> An
             covered += block.numel()
     if covered != full.numel():
         raise CheckpointError(f"{where}: shards of {path_name!r} cover {covered} of "
-                              f"{full.numel()} elements (a rank file is missing?)")
+                              f"{full.numel()} elements{hint or ' (a rank file is missing?)'}")
     return full
 
 
@@ -442,10 +449,10 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     structure = headers[0]["structure"]
     leaves = {}
     for name in _structure_paths(structure):
+        hint = " (load the whole directory, not one rank file)" if len(files) < world else ""
         if name not in by_path:
-            raise CheckpointError(f"{ckpt_dir}: no record for leaf {name!r}"
-                                  + (" (load the whole directory, not one rank file)" if world > 1 else ""))
-        value = _assemble(name, by_path[name], ckpt_dir)
+            raise CheckpointError(f"{ckpt_dir}: no record for leaf {name!r}{hint}")
+        value = _assemble(name, by_path[name], ckpt_dir, hint)
         if map_location is not None and isinstance(value, torch.Tensor):
             value = value.to(map_location)
         leaves[name] = value
