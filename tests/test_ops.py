@@ -1,0 +1,278 @@
+"""ops/: every fast path equals its reference, forward and backward, in fp32 and bf16.
+
+Tolerances: fp32 1e-5 (same math, different kernel order); bf16 outputs 2e-2 absolute and
+relative (a couple of bf16 ulps, 2**-7 at magnitude 1), bf16 gradients 5e-2 (two roundings
+more on the way back).
+"""
+import math
+
+import pytest
+import torch
+
+import ops
+from ops._dispatch import MIN_FUSED_NUMEL, resolve_elementwise
+from ops.cross_entropy import default_chunk_size
+
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+GRAD_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=5e-2, rtol=5e-2)}
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _close(a, b, tol):
+    torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+def _run(fn, inputs, grad_out):
+    """Forward value and the gradients of <out, grad_out> w.r.t. the inputs."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    return out.detach(), grads
+
+
+def _compare(op, inputs, dtype, impl, **kw):
+    ref_out = op(*inputs, impl="reference", **kw)
+    grad_out = torch.randn_like(ref_out)
+    ref, ref_g = _run(lambda *a: op(*a, impl="reference", **kw), inputs, grad_out)
+    out, g = _run(lambda *a: op(*a, impl=impl, **kw), inputs, grad_out)
+    assert out.dtype == ref.dtype == dtype and out.shape == ref.shape
+    _close(out, ref, TOL[dtype])
+    for a, b in zip(g, ref_g):
+        _close(a, b, GRAD_TOL[dtype])
+
+
+# ----------------------------------------------------------------------------- rms_norm
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_fused_matches_reference(dtype):
+    x = torch.randn(3, 7, 200, dtype=dtype)  # odd row count, width not a power of two
+    w = (1 + 0.1 * torch.randn(200)).to(dtype)
+    _compare(ops.rms_norm, (x, w), dtype, "fused", eps=1e-5)
+
+
+def test_rms_norm_reference_is_aquila_variant():
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    w = torch.randn(64, dtype=torch.float32)
+    xf = x.float()
+    want = (xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * w).to(torch.bfloat16)
+    got = ops.rms_norm(x, w, 1e-6, impl="reference")
+    assert got.dtype == torch.bfloat16
+    _close(got, want, dict(atol=0, rtol=0))
+
+
+# ----------------------------------------------------------------------------- rotary
+
+
+def test_rope_table_values_and_cache():
+    cos, sin = ops.rope_table(16, 8, 10000.0, torch.float32, "cpu")
+    inv = 1.0 / (10000.0 ** (torch.arange(0, 8, 2).float() / 8))
+    ang = torch.arange(16).float()[:, None] * inv[None, :]
+    torch.testing.assert_close(cos, torch.cat([ang.cos(), ang.cos()], -1))
+    torch.testing.assert_close(sin, torch.cat([ang.sin(), ang.sin()], -1))
+    assert ops.rope_table(16, 8, 10000.0, torch.float32, "cpu")[0] is cos  # cached
+    assert ops.rope_table(16, 8, 500.0, torch.float32, "cpu")[0] is not cos
+    assert ops.rope_table(16, 8, 10000.0, torch.bfloat16, "cpu")[0].dtype == torch.bfloat16
+
+
+def test_rotary_scores_depend_on_relative_position_only():
+    cos, sin = ops.rope_table(32, 16, 10000.0, torch.float32, "cpu")
+    q, k = torch.randn(16), torch.randn(16)
+
+    def score(i, j):
+        qi = ops.rotary(q.view(1, 1, 1, 16).expand(1, 32, 1, 16), cos, sin)[0, i, 0]
+        kj = ops.rotary(k.view(1, 1, 1, 16).expand(1, 32, 1, 16), cos, sin)[0, j, 0]
+        return (qi * kj).sum()
+
+    torch.testing.assert_close(score(5, 2), score(20, 17), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_rotary_fused_matches_reference(dtype, per_batch):
+    b, s, h, hd = 2, 13, 3, 32
+    cos, sin = ops.rope_table(64, hd, 10000.0, torch.float32, "cpu")
+    if per_batch:  # positions [B, S], e.g. left-padded batches
+        pos = torch.stack([torch.arange(s), torch.arange(s) + 7])
+        cos, sin = cos[pos], sin[pos]
+    else:
+        cos, sin = cos[:s], sin[:s]
+    x = torch.randn(b, s, h, hd, dtype=dtype)
+    _compare(lambda x, impl: ops.rotary(x, cos, sin, impl=impl), (x,), dtype, "fused")
+
+
+# ----------------------------------------------------------------------------- swiglu
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_fused_matches_reference(dtype):
+    gate, up = torch.randn(3, 5, 88, dtype=dtype), torch.randn(3, 5, 88, dtype=dtype)
+    _compare(ops.swiglu, (gate, up), dtype, "fused")
+
+
+def test_swiglu_packed_splits_in_halves():
+    gu = torch.randn(4, 2 * 24)
+    torch.testing.assert_close(ops.swiglu_packed(gu), torch.nn.functional.silu(gu[:, :24]) * gu[:, 24:])
+
+
+# ----------------------------------------------------------------------------- attention
+
+ATTN_CASES = [  # (Sq, Sk, H, KV): prefill with GQA ratios 1, 2, 8; decode; chunked prefill
+    (37, 37, 8, 8), (37, 37, 8, 4), (37, 37, 8, 1), (1, 37, 8, 2), (5, 37, 4, 2)]
+
+
+def _qkv(sq, sk, h, kv, dtype, b=2, hd=16):
+    return (torch.randn(b, sq, h, hd, dtype=dtype), torch.randn(b, sk, kv, hd, dtype=dtype),
+            torch.randn(b, sk, kv, hd, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sq,sk,h,kv", ATTN_CASES)
+def test_attention_fused_matches_reference(dtype, sq, sk, h, kv):
+    _compare(ops.attention, _qkv(sq, sk, h, kv, dtype), dtype, "fused")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_padding_mask_and_scale(dtype):
+    q, k, v = _qkv(11, 11, 4, 2, dtype)
+    keep = torch.ones(2, 1, 1, 11, dtype=torch.bool)
+    keep[0, ..., :4] = False  # left padding: the first queries of row 0 see no key at all
+    _compare(ops.attention, (q, k, v), dtype, "fused", mask=keep, scale=0.3)
+    out = ops.attention(q, k, v, mask=keep, impl="fused")
+    assert torch.all(out[0, :4] == 0)  # rows with no visible key are zeros
+
+
+def test_attention_reference_is_softmax_attention():
+    q, k, v = _qkv(3, 5, 2, 1, torch.float32, b=1, hd=4)
+    out = ops.attention(q, k, v, causal=True, impl="reference")
+    # query i sits at key position 2 + i (bottom-right causal)
+    for i in range(3):
+        s = (q[0, i, 0] @ k[0, : 3 + i, 0].T) / 2.0
+        torch.testing.assert_close(out[0, i, 0], torch.softmax(s, -1) @ v[0, : 3 + i, 0])
+
+
+def test_attention_non_causal_and_head_check():
+    q, k, v = _qkv(6, 9, 4, 2, torch.float32)
+    _close(ops.attention(q, k, v, causal=False, impl="fused"),
+           ops.attention(q, k, v, causal=False, impl="reference"), TOL[torch.float32])
+    with pytest.raises(ValueError, match="multiple"):
+        ops.attention(q, k[:, :, :1].expand(-1, -1, 3, -1), v, impl="reference")
+
+
+# ----------------------------------------------------------------------------- cross_entropy
+
+
+def _ce_inputs(n, v, d, dtype):
+    hidden, weight = torch.randn(n, d, dtype=dtype), torch.randn(v, d, dtype=dtype) / math.sqrt(d)
+    labels = torch.randint(0, v, (n,))
+    labels[::5] = -100
+    labels[8:16] = -100  # one whole chunk of 8 ignored
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("chunk", [8, 7, None])
+def test_cross_entropy_fused_matches_reference(dtype, chunk):
+    hidden, weight, labels = _ce_inputs(37, 53, 24, dtype)
+    ref = ops.cross_entropy(hidden, weight, labels, impl="reference")
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss_r, n_r = ops.cross_entropy(h1, w1, labels, impl="reference")
+    loss_f, n_f = ops.cross_entropy(h2, w2, labels, chunk_size=chunk, impl="fused")
+    assert loss_f.dtype == torch.float32 and n_f.dtype == torch.int64 and n_f.item() == n_r.item()
+    _close(loss_f, ref[0], dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else TOL[dtype])
+    g_r = torch.autograd.grad(loss_r * 0.37, (h1, w1))
+    g_f = torch.autograd.grad(loss_f * 0.37, (h2, w2))
+    for a, b in zip(g_f, g_r):
+        assert a.dtype == dtype
+        _close(a, b, GRAD_TOL[dtype])
+
+
+def test_cross_entropy_all_ignored_and_no_grad():
+    hidden, weight, _ = _ce_inputs(10, 11, 8, torch.float32)
+    labels = torch.full((10,), -100)
+    h = hidden.clone().requires_grad_()
+    loss, n = ops.cross_entropy(h, weight, labels)
+    (g,) = torch.autograd.grad(loss, h)
+    assert loss.item() == 0 and n.item() == 0 and torch.all(g == 0)
+    labels = torch.randint(0, 11, (10,))
+    with torch.no_grad():  # evaluation path: no gradient work
+        torch.testing.assert_close(ops.cross_entropy(hidden, weight, labels)[0],
+                                   ops.cross_entropy(hidden, weight, labels, impl="reference")[0])
+
+
+def test_cross_entropy_default_chunk_bounds_logits():
+    assert default_chunk_size(100_008) * 100_008 <= (1 << 24)
+    assert default_chunk_size(10) >= 16
+
+
+# ----------------------------------------------------------------------------- adamw
+
+
+def _adam_state(shapes, dtype=torch.float32):
+    params = [torch.randn(s, dtype=dtype) for s in shapes]
+    grads = [[torch.randn(s, dtype=dtype) for s in shapes] for _ in range(3)]
+    return params, grads
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_adamw_matches_torch_optim(impl):
+    shapes = [(7, 5), (13,), (3, 4, 2)]
+    params, grads = _adam_state(shapes)
+    wds = [0.1, 0.0, 0.1]
+    mine = [p.clone() for p in params]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    theirs = [p.clone().requires_grad_() for p in params]
+    opt = torch.optim.AdamW([{"params": [theirs[0], theirs[2]], "weight_decay": 0.1},
+                             {"params": [theirs[1]], "weight_decay": 0.0}],
+                            lr=3e-3, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    for step, gs in enumerate(grads, start=1):
+        ops.adamw(mine, gs, m, v, step=step, lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8,
+                  weight_decay=wds, impl=impl)
+        for t, g in zip(theirs, gs):
+            t.grad = g.clone()
+        opt.step()
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b.detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_adamw_mixed_dtypes_and_foreach():
+    from ops.adamw import adamw_foreach
+    params, grads = _adam_state([(6, 3), (5,)])
+    ref = [p.clone() for p in params]
+    fe = [p.clone() for p in params]
+    m1, v1 = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    m2, v2 = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    ops.adamw(ref, grads[0], m1, v1, step=1, lr=1e-2, weight_decay=0.1, impl="reference")
+    adamw_foreach(fe, grads[0], m2, v2, step=1, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, wd=0.1)
+    for a, b in zip(fe, ref):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    # bf16 params with fp32 grads and fp32 moments: the grouped fused path still works
+    p16 = [p.to(torch.bfloat16) for p in params]
+    m, v = [torch.zeros_like(p, dtype=torch.float32) for p in params], [torch.zeros_like(p) for p in params]
+    ops.adamw(p16, grads[0], m, v, step=1, lr=1e-2, weight_decay=0.1, impl="fused")
+    for a, b in zip(p16, ref):
+        torch.testing.assert_close(a.float(), b, atol=2e-2, rtol=2e-2)
+
+
+def test_adamw_argument_checks():
+    p = [torch.zeros(2)]
+    with pytest.raises(ValueError, match="equal lengths"):
+        ops.adamw(p, [], p, p, step=1, lr=1.0)
+    with pytest.raises(ValueError, match="weight decays"):
+        ops.adamw(p, p, [torch.zeros(2)], [torch.zeros(2)], step=1, lr=1.0, weight_decay=[0.1, 0.2])
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def test_impl_validation_and_auto_choice():
+    small, large = torch.zeros(8), torch.zeros(MIN_FUSED_NUMEL)
+    assert resolve_elementwise("auto", small) == "reference"
+    assert resolve_elementwise("auto", large) == "fused"
+    assert resolve_elementwise("npu", small) == "npu"
+    with pytest.raises(ValueError, match="impl"):
+        ops.rms_norm(small, small, impl="triton")
+    with pytest.raises(ValueError, match="impl"):
+        ops.attention(*_qkv(2, 2, 1, 1, torch.float32), impl="flash")
