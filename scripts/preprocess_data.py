@@ -31,7 +31,7 @@ HANDLERS = {
     "alpaca": "alpaca", "GeneralInstructionHandler": "alpaca",
     "AlpacaStyleInstructionHandler": "alpaca",
 }
-DTYPES = {"uint16": np.uint16, "int32": np.int32, "int64": np.int64}
+DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "int32": np.int32, "int64": np.int64}
 
 
 def build_parser() -> argparse.ArgumentParser:
