@@ -134,20 +134,22 @@ def _structure_paths(node: dict) -> Iterator[str]:
             yield from _structure_paths(child)
 
 
-def _check_metadata(value: Any, where: str = "metadata") -> None:
-    """Metadata must be JSON-able (bytes also allowed); name the offending key otherwise."""
+def _clean_metadata(value: Any, where: str = "metadata") -> Any:
+    """A msgpack-able copy of metadata: JSON types plus bytes; numpy scalars become Python
+    numbers. Anything else raises CheckpointError naming the key."""
     if value is None or isinstance(value, (bool, int, float, str, bytes)):
-        return
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
     if isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _check_metadata(v, f"{where}[{i}]")
-        return
+        return [_clean_metadata(v, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, dict):
+        out = {}
         for k, v in value.items():
             if not isinstance(k, str):
                 raise CheckpointError(f"{where} has a non-string key {k!r}")
-            _check_metadata(v, f"{where}[{k!r}]")
-        return
+            out[k] = _clean_metadata(v, f"{where}[{k!r}]")
+        return out
     raise CheckpointError(f"{where} has type {type(value).__name__}, which is not JSON-able; put "
                           f"tensors in the state and plain values in metadata")
 
@@ -249,8 +251,7 @@ def _fsync_dir(path: Path) -> None:
 def write_state_file(path: str | os.PathLike, state: Any, *, step: int, metadata: dict | None = None,
                      rank: int = 0, world_size: int = 1) -> str:
     """Stream ``state`` into one msgpack file (no atomic rename: ``save_checkpoint`` does that)."""
-    metadata = dict(metadata or {})
-    _check_metadata(metadata)
+    metadata = _clean_metadata(dict(metadata or {}))
     leaves: list = []
     structure = _encode_structure(state, "", leaves)
     blocks = [(p, _leaf_block(p, leaf, rank)) for p, leaf in leaves]
@@ -506,11 +507,15 @@ def load_latest(directory: str | os.PathLike, *, map_location: str | torch.devic
 
 
 def _prune(directory: Path, keep: int | None) -> None:
-    for p in directory.iterdir():  # leftovers of interrupted saves
-        if p.is_dir() and (p.name.startswith(".tmp-") or p.name.startswith(".old-")):
-            shutil.rmtree(p, ignore_errors=True)
     if keep is not None:
         for _, p in list_checkpoints(directory)[:-keep]:
+            # rename first (atomic), so a kill mid-delete never leaves a half step_ dir listed
+            doomed = p.with_name(f".del-{p.name}")
+            if doomed.exists():
+                shutil.rmtree(doomed, ignore_errors=True)
+            os.replace(p, doomed)
+    for p in directory.iterdir():  # leftovers of interrupted saves and the renamed dirs
+        if p.is_dir() and p.name.startswith((".tmp-", ".old-", ".del-")):
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -538,7 +543,7 @@ def save_checkpoint(directory: str | os.PathLike, state: Any, *, step: int, meta
     """
     if keep is not None and keep < 1:
         raise CheckpointError(f"keep must be >= 1 or None, got {keep}")
-    _check_metadata(dict(metadata or {}))
+    _clean_metadata(dict(metadata or {}))  # fail before touching the directory
     rank, world_size, barrier = _dist_defaults(rank, world_size, barrier)
     directory = Path(directory)
     final = directory / step_dir_name(step)

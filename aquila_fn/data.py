@@ -43,7 +43,7 @@ __all__ = [
     "parse_split", "split_range", "GPTDataset", "batch_iterator",
     "iter_text_documents", "iter_jsonl_records", "iter_json_records", "iter_parquet_records",
     "iter_records", "detect_format", "encode_documents", "build_indexed_dataset",
-    "prepare_text_dataset", "tokenizer_fingerprint",
+    "prepare_text_dataset", "tokenizer_fingerprint", "resolve_data_prefix", "build_gpt_datasets",
     "ALPACA_SYSTEM", "format_alpaca_prompt", "encode_instruction", "InstructionDataset",
     "collate_instruction", "INSTRUCTION_KEYS", "IGNORE_INDEX", "build_instruction_datasets",
     "packed_prefix", "index_bytes",
@@ -228,7 +228,7 @@ class MMapIndexedDataset:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             head = f.read(_HEADER_BYTES)
-        if head[:9] != INDEX_HEADER[: len(head[:9])] or len(head) < 9:
+        if head[:9] != INDEX_HEADER[:len(head[:9])]:
             raise DataError(f"{path}: wrong magic {head[:9]!r}, expected {INDEX_HEADER!r} "
                             f"(not a Megatron .idx file)")
         if len(head) < _HEADER_BYTES:
@@ -447,6 +447,9 @@ def batch_iterator(dataset, batch_size: int, start: int = 0, *, stop: int | None
     local = batch_size // dp_size
     end = len(dataset) if stop is None else min(stop, len(dataset))
     position = int(start)
+    if position == 0 and end < batch_size:
+        raise DataError(f"{dataset!r} has {end} samples, fewer than one batch of {batch_size}; "
+                        f"pass num_samples (e.g. steps * batch_size) to cycle over epochs")
     while position + batch_size <= end:
         first = position + dp_rank * local
         tokens = torch.from_numpy(np.stack([dataset[i] for i in range(first, first + local)]))
@@ -705,6 +708,44 @@ def prepare_text_dataset(text_path: str | os.PathLike, tokenizer, cache_dir: str
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     return build_indexed_dataset(iter_text_documents(text_path, split), tok, prefix,
                                  append_eod=append_eod, bos=bos, workers=workers, progress=progress)
+
+
+def resolve_data_prefix(path: str | os.PathLike, tokenizer=None, cache_dir: str | os.PathLike | None = None,
+                        **text_options) -> str:
+    """An indexed-dataset prefix for ``path``: a Megatron prefix (or its .bin/.idx file) as is, a
+    raw text file tokenised once into ``cache_dir`` (default: ``<text dir>/.aquila_cache``)."""
+    prefix = _strip_suffix(path)
+    if os.path.isfile(index_file_path(prefix)) or os.path.isfile(data_file_path(prefix)):
+        return prefix
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{path}: neither an indexed dataset (.bin/.idx) nor a text file")
+    if detect_format(p) != "text":
+        raise DataError(f"{path}: {detect_format(p)} input must go through "
+                        f"scripts/preprocess_data.py first; pass the resulting prefix")
+    if tokenizer is None:
+        raise DataError(f"{path}: a raw text file needs a tokenizer to be tokenised")
+    cache = Path(cache_dir) if cache_dir is not None else p.parent / ".aquila_cache"
+    return prepare_text_dataset(p, tokenizer, cache, **text_options)
+
+
+def build_gpt_datasets(path: str | os.PathLike, seq_len: int, seed: int, *, split: str = "969,30,1",
+                       train_samples: int | None = None, valid_samples: int | None = None,
+                       tokenizer=None, cache_dir: str | os.PathLike | None = None
+                       ) -> dict[str, GPTDataset | None]:
+    """{"train", "valid", "test"} GPT datasets over one source (a split with no data is None)."""
+    indexed = MMapIndexedDataset(resolve_data_prefix(path, tokenizer, cache_dir))
+    samples = {"train": train_samples, "valid": valid_samples, "test": None}
+    out: dict[str, GPTDataset | None] = {}
+    for name in ("train", "valid", "test"):
+        begin, end = split_range(split, indexed.num_documents, name)
+        try:
+            out[name] = GPTDataset(indexed, seq_len, seed, split, name, samples[name]) if end > begin else None
+        except DataError:
+            if name == "train":
+                raise
+            out[name] = None  # too small for one sample: no evaluation on it
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -279,3 +279,9 @@ def test_dtensor_leaves_are_written_as_blocks(tmp_path):
         dist.destroy_process_group()
     loaded, _ = C.load_checkpoint(path)
     assert torch.equal(loaded["w"], w) and torch.equal(loaded["b"], w[0])
+
+
+def test_numpy_scalars_in_metadata_become_numbers(tmp_path):
+    meta = {"data_position": np.int64(96), "loss": np.float32(1.5), "shape": (2, 3)}
+    C.save_checkpoint(tmp_path, {"w": torch.ones(1)}, step=2, metadata=meta)
+    assert C.read_metadata(tmp_path) == {"data_position": 96, "loss": 1.5, "shape": [2, 3], "step": 2}

@@ -293,3 +293,23 @@ def test_alpaca_truncation_and_collate(tok):
     assert batch["input_ids"][0, :n].tolist() == full["input_ids"][:-1]
     assert batch["labels"][0, :n].tolist() == full["labels"][1:]  # shifted: target of position t
     assert (batch["labels"][0, n:] == -100).all() and not batch["attention_mask"][0, n:].any()
+
+
+def test_build_gpt_datasets_from_raw_text_or_prefix(tmp_path, tok, assets):
+    parts = D.build_gpt_datasets(assets / "tinystories.txt", seq_len=32, seed=0, split="90,10,0",
+                                 train_samples=100, tokenizer=tok, cache_dir=tmp_path)
+    assert len(parts["train"]) == 100 and parts["valid"] is not None and parts["test"] is None
+    prefix = parts["train"].indexed.prefix
+    again = D.build_gpt_datasets(prefix + ".idx", seq_len=32, seed=0, split="90,10,0")
+    assert np.array_equal(again["valid"][3], parts["valid"][3])
+    with pytest.raises(D.DataError, match="needs a tokenizer"):
+        D.resolve_data_prefix(assets / "tinystories.txt")
+    with pytest.raises(D.DataError, match="preprocess_data.py first"):
+        D.resolve_data_prefix(assets / "boolq_val.jsonl", tok)
+
+
+def test_batch_iterator_refuses_a_dataset_smaller_than_a_batch(numbered):
+    ds = D.GPTDataset(numbered, 8, seed=0, split="1")
+    with pytest.raises(D.DataError, match="fewer than one batch"):
+        next(D.batch_iterator(ds, len(ds) + 1))
+    assert list(D.batch_iterator(ds, 4, start=len(ds))) == []  # resuming at the end is fine
