@@ -31,6 +31,7 @@ import json
 import multiprocessing
 import os
 import struct
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -110,7 +111,11 @@ class IndexedDatasetBuilder:
         self.prefix = _strip_suffix(prefix)
         self.dtype = np.dtype(dtype)
         _dtype_code(self.dtype)  # fail early on a dtype Megatron cannot name
-        self._bin_tmp = data_file_path(self.prefix) + ".partial"
+        # unique temp names: several ranks may build the same cache at once (same bytes, and the
+        # final renames are atomic, so the last one wins harmlessly)
+        tag = f".partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._bin_tmp = data_file_path(self.prefix) + tag
+        self._idx_tmp = index_file_path(self.prefix) + tag
         Path(self._bin_tmp).parent.mkdir(parents=True, exist_ok=True)
         self._bin = open(self._bin_tmp, "wb")
         self.sequence_lengths: list[int] = []
@@ -155,7 +160,7 @@ class IndexedDatasetBuilder:
         self._bin.flush()
         os.fsync(self._bin.fileno())
         self._bin.close()
-        idx_tmp = index_file_path(self.prefix) + ".partial"
+        idx_tmp = self._idx_tmp
         with open(idx_tmp, "wb") as f:
             f.write(index_bytes(self.sequence_lengths, self.document_indices, self.dtype))
             f.flush()
@@ -169,7 +174,7 @@ class IndexedDatasetBuilder:
         """Close and delete the partial files."""
         if not self._bin.closed:
             self._bin.close()
-        for p in (self._bin_tmp, index_file_path(self.prefix) + ".partial"):
+        for p in (self._bin_tmp, self._idx_tmp):
             if os.path.exists(p):
                 os.remove(p)
 
@@ -294,19 +299,24 @@ class MMapIndexedDataset:
         return self._tokens[start:start + length]
 
     def document_lengths(self) -> np.ndarray:
-        """Tokens per document (the sum over its sequences), int64."""
-        cum = np.concatenate([[0], np.cumsum(self.sequence_lengths, dtype=np.int64)])
-        return cum[self.document_indices[1:]] - cum[self.document_indices[:-1]]
+        """Tokens per document (the sum over its sequences), int64; computed once."""
+        if not hasattr(self, "_doc_lengths"):
+            cum = np.concatenate([[0], np.cumsum(self.sequence_lengths, dtype=np.int64)])
+            self._doc_lengths = cum[self.document_indices[1:]] - cum[self.document_indices[:-1]]
+        return self._doc_lengths
 
     def document_offsets(self) -> np.ndarray:
         """Token offset in .bin where each document starts (its sequences are contiguous)."""
-        first = self.document_indices[:-1]
-        offsets = np.zeros(len(first), dtype=np.int64)
-        present = first < len(self)  # an empty document (no sequences) has no pointer
-        offsets[present] = self.sequence_pointers[first[present]] // self.dtype.itemsize
-        return offsets
+        if not hasattr(self, "_doc_offsets"):
+            first = self.document_indices[:-1]
+            offsets = np.zeros(len(first), dtype=np.int64)
+            present = first < len(self)  # an empty document (no sequences) has no pointer
+            offsets[present] = self.sequence_pointers[first[present]] // self.dtype.itemsize
+            self._doc_offsets = offsets
+        return self._doc_offsets
 
     def document(self, d: int) -> np.ndarray:
+        """All tokens of document d (its sequences joined)."""
         return self.tokens_at(int(self.document_offsets()[d]), int(self.document_lengths()[d]))
 
     def tokens_at(self, token_offset: int, count: int) -> np.ndarray:
