@@ -275,6 +275,8 @@ def write_state_file(path: str | os.PathLike, state: Any, *, step: int, metadata
 
 
 def _write_record(f, packer: msgpack.Packer, path: str, kind: str, data, global_shape, offsets) -> None:
+    if kind == "torch" and data.device.type == "meta":
+        raise CheckpointError(f"state leaf {path!r} is on the meta device (shapes only, no data)")
     raw = _raw_bytes(kind, data)
     n = raw.nbytes
     chunks = [raw[i:i + CHUNK_BYTES] for i in range(0, n, CHUNK_BYTES)]

@@ -194,6 +194,8 @@ def test_missing_checkpoint_and_bad_metadata_are_clear(tmp_path):
         C.load_checkpoint(tmp_path / "nope")
     with pytest.raises(C.CheckpointError, match=r"metadata\['gen'\] has type Generator"):
         C.save_checkpoint(tmp_path, {"w": torch.ones(1)}, step=0, metadata={"gen": torch.Generator()})
+    with pytest.raises(C.CheckpointError, match="'w' is on the meta device"):
+        C.save_checkpoint(tmp_path, {"w": torch.empty(2, device="meta")}, step=0)
     with pytest.raises(C.CheckpointError, match="state leaf 'x' has type object"):
         C.save_checkpoint(tmp_path, {"x": object()}, step=0)
     assert C.latest_checkpoint(tmp_path) is None

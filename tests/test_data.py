@@ -133,6 +133,12 @@ def test_gpt_samples_are_windows_of_the_packed_stream(numbered):
         assert sample.tolist() == stream[i * 8:i * 8 + 9].tolist()
 
 
+def test_gpt_documents_of_several_sequences_stay_whole(tmp_path):
+    ds = D.MMapIndexedDataset(_build(tmp_path / "m", [[[1, 2], [3]], [[4]], [[5, 6], [7, 8, 9]]]))
+    gpt = D.GPTDataset(ds, seq_len=2, seed=0, split="1", shuffle=False)
+    assert [gpt[i].tolist() for i in range(len(gpt))] == [[1, 2, 3], [3, 4, 5], [5, 6, 7], [7, 8, 9]]
+
+
 def test_gpt_dataset_is_deterministic_and_seeded(numbered):
     a = D.GPTDataset(numbered, 8, seed=1, split="1")
     b = D.GPTDataset(numbered, 8, seed=1, split="1")
