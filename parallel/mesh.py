@@ -1,0 +1,177 @@
+"""Named device meshes built from the torchrun environment.
+
+    mesh = make_mesh("dp=2,tp=2")     # under `torchrun --nproc-per-node 4`
+    mesh.size("tp"), mesh.rank_in("dp"), mesh.device_mesh["tp"]
+
+Axes are among `pp`, `dp`, `fsdp`, `tp` and are always laid out in that order, outermost first,
+so tensor-parallel peers are neighbouring ranks (one node) and pipeline stages are furthest
+apart, whatever order the string names them in. One process (no torchrun) gives the trivial
+mesh: every transform in this package becomes the identity on it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+AXES = ("pp", "dp", "fsdp", "tp")
+DATA_AXES = ("dp", "fsdp")  # the batch is split over these
+DEFAULT_TIMEOUT_S = float(os.environ.get("AQUILA_DIST_TIMEOUT", "300"))
+
+
+class MeshError(ValueError):
+    """A mesh string that cannot describe the processes we have."""
+
+
+def parse_mesh(spec: str | dict | None, world_size: int) -> dict[str, int]:
+    """'dp=2,tp=2' -> {'dp': 2, 'tp': 2} in canonical axis order; one axis may be -1 ('the rest').
+
+    Axes of size 1 are dropped. The product must equal `world_size`.
+    """
+    if spec is None or spec == "" or spec == {}:
+        sizes = {"dp": world_size} if world_size > 1 else {}
+    elif isinstance(spec, dict):
+        sizes = dict(spec)
+    else:
+        sizes = {}
+        for part in spec.replace(" ", "").split(","):
+            name, eq, value = part.partition("=")
+            if not eq:
+                raise MeshError(f"mesh entry {part!r} is not of the form axis=size (e.g. 'dp=2,tp=2')")
+            try:
+                sizes[name] = int(value)
+            except ValueError:
+                raise MeshError(f"mesh entry {part!r}: size {value!r} is not an integer") from None
+    unknown = [a for a in sizes if a not in AXES]
+    if unknown:
+        raise MeshError(f"unknown mesh axis {unknown[0]!r}; axes are {', '.join(AXES)}")
+    free = [a for a, n in sizes.items() if n == -1]
+    if len(free) > 1:
+        raise MeshError(f"at most one axis may be -1, got {free}")
+    if free:
+        fixed = math.prod(n for n in sizes.values() if n != -1)
+        if world_size % fixed:
+            raise MeshError(f"mesh {spec!r}: {world_size} processes are not divisible by {fixed}")
+        sizes[free[0]] = world_size // fixed
+    bad = [f"{a}={n}" for a, n in sizes.items() if n < 1]
+    if bad:
+        raise MeshError(f"mesh sizes must be positive, got {', '.join(bad)}")
+    if math.prod(sizes.values()) != world_size:
+        raise MeshError(f"mesh {spec!r} has {math.prod(sizes.values())} devices but there are "
+                        f"{world_size} processes (torchrun --nproc-per-node)")
+    return {a: sizes[a] for a in AXES if sizes.get(a, 1) > 1}
+
+
+def device_type() -> str:
+    """The accelerator this process drives: npu, cuda or cpu."""
+    if hasattr(torch, "npu") and torch.npu.is_available():  # torch_npu registers torch.npu
+        return "npu"
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def _backend(dev: str) -> str:
+    return {"cuda": "nccl", "npu": "hccl"}.get(dev, "gloo")
+
+
+def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    """Join the torchrun process group (once); False when running as one plain process.
+
+    The timeout bounds every collective: a dead or stalled peer becomes an error, not a hang.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "MASTER_ADDR" not in os.environ:
+        return False
+    dev = device_type()
+    if dev != "cpu":
+        getattr(torch, dev).set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(_backend(dev), timeout=datetime.timedelta(seconds=timeout_s))
+    return True
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """Named axes over the processes, wrapping a DeviceMesh (None for the trivial mesh)."""
+
+    axes: dict[str, int] = field(default_factory=dict)
+    device_mesh: object | None = None  # torch.distributed.device_mesh.DeviceMesh
+    device: str = "cpu"
+
+    @property
+    def trivial(self) -> bool:
+        return self.device_mesh is None
+
+    @property
+    def world_size(self) -> int:
+        return math.prod(self.axes.values()) if self.axes else 1
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if not self.trivial else 0
+
+    def size(self, axis: str | tuple[str, ...]) -> int:
+        names = (axis,) if isinstance(axis, str) else axis
+        return math.prod(self.axes.get(a, 1) for a in names)
+
+    def rank_in(self, axis: str) -> int:
+        """This process's coordinate along `axis` (0 when the axis is absent)."""
+        if self.trivial or axis not in self.axes:
+            return 0
+        return self.device_mesh.get_local_rank(axis)
+
+    def has(self, axis: str) -> bool:
+        return axis in self.axes
+
+    def submesh(self, names: tuple[str, ...]):
+        """The DeviceMesh over `names` (those present), or None when none are."""
+        present = tuple(a for a in names if a in self.axes)
+        if not present or self.trivial:
+            return None
+        return self.device_mesh[present] if len(present) > 1 else self.device_mesh[present[0]]
+
+    def group(self, axis: str):
+        """The process group of this rank's peers along `axis`."""
+        if self.trivial or axis not in self.axes:
+            return None
+        return self.device_mesh.get_group(axis)
+
+    def without(self, axis: str) -> "Mesh":
+        """The mesh of the remaining axes (e.g. a pipeline stage's mesh without `pp`)."""
+        rest = {a: n for a, n in self.axes.items() if a != axis}
+        if self.trivial or axis not in self.axes:
+            return self
+        return Mesh(rest, self.submesh(tuple(rest)) if rest else None, self.device)
+
+    def __str__(self) -> str:
+        return ",".join(f"{a}={n}" for a, n in self.axes.items()) or "single"
+
+
+def make_mesh(spec: str | dict | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> Mesh:
+    """A named mesh over the torchrun processes; the trivial mesh for one process.
+
+    `spec`: "dp=2,tp=2" (sizes may include one -1), a dict, or None for pure data parallelism.
+    """
+    distributed = init_distributed(timeout_s)
+    world = dist.get_world_size() if distributed else 1
+    axes = parse_mesh(spec, world)
+    dev = device_type()
+    if world == 1:
+        return Mesh({}, None, dev)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not axes:  # cannot happen for world > 1, parse_mesh guarantees the product
+        raise MeshError(f"mesh {spec!r} is empty but there are {world} processes")
+    names = tuple(axes)
+    device_mesh = init_device_mesh(dev, tuple(axes[a] for a in names), mesh_dim_names=names)
+    return Mesh(axes, device_mesh, dev)
+
+
+def trivial_mesh() -> Mesh:
+    return Mesh({}, None, device_type())

@@ -1,0 +1,237 @@
+"""ZeRO over the data axis: parameter gathering for computation (stage 3 / FSDP) and the
+optimizer wrapper that keeps optimizer state sharded (stages 1-3) and, optionally, in host
+memory (ZeRO-Offload).
+
+    params = compute_view(params, layout, stream="layers")        # inside the loss
+    opt = distributed_optimizer(adamw(...), layout, max_grad_norm=1.0, offload=False)
+
+The wrapped optimizer keeps the optax shape (init, update, apply_, schedule) so a train step
+written for one process uses it unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Callable
+
+import torch
+
+from parallel.layout import Layout, is_dtensor, place
+from parallel.tree import leaves, map_with_path, named_leaves, structure, unflatten
+
+# ---------------------------------------------------------------------- stage 3: gather to compute
+
+
+def _compute_placements(layout: Layout, path: str, x) -> tuple:
+    return layout.leaf_placements(path, x.dim(), "compute")
+
+
+def needs_gather(layout: Layout) -> bool:
+    """Whether parameters are split over a data axis (ZeRO-3 or an fsdp axis)."""
+    return not layout.trivial and (layout.mesh.has("fsdp") or (layout.zero >= 3 and layout.mesh.has("dp")))
+
+
+def _gather_leaf(layout: Layout, path: str, x, async_op: bool):
+    if not is_dtensor(x):
+        return x
+    target = _compute_placements(layout, path, x)
+    if tuple(x.placements) == target:
+        return x
+    # Differentiable: the backward of this all-gather is the gradient's reduce-scatter.
+    return x.redistribute(x.device_mesh, target, async_op=async_op)
+
+
+class Prefetched(Sequence):
+    """A list whose items are gathered on first access, the next `ahead` items asynchronously
+    at the same time, so the all-gather of layer i+1 runs while layer i computes."""
+
+    def __init__(self, items: list, gather: Callable[[int, Any], Any], ahead: int = 1):
+        self._items, self._gather, self._ahead = items, gather, ahead
+        self._ready: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = range(len(self))[i]
+        for j in range(i, min(i + self._ahead + 1, len(self))):
+            if j not in self._ready:
+                self._ready[j] = self._gather(j, self._items[j])
+        return self._ready.pop(i)  # dropped here: autograd keeps what backward needs
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def compute_view(params: Any, layout: Layout, *, stream: str | None = None, ahead: int = 1) -> Any:
+    """Parameters placed for computation: ZeRO-3 / FSDP shards all-gathered (their gradients are
+    reduce-scattered by backward). `stream` names a top-level list (e.g. "layers") that is
+    gathered lazily in order, `ahead` items in advance; everything else is gathered now.
+    The identity when nothing is split over a data axis."""
+    if not needs_gather(layout):
+        return params
+    if stream is None or not isinstance(params, dict) or stream not in params:
+        return map_with_path(lambda p, x: _gather_leaf(layout, p, x, False), params)
+    rest = {k: v for k, v in params.items() if k != stream}
+    out = map_with_path(lambda p, x: _gather_leaf(layout, p, x, False), rest)
+
+    def gather_item(i, item):
+        return map_with_path(lambda p, x: _gather_leaf(layout, f"{stream}.{i}.{p}", x, True), item)
+
+    out[stream] = Prefetched(list(params[stream]), gather_item, ahead)
+    return {k: out[k] for k in params}  # keep the key order
+
+
+# ---------------------------------------------------------------------- optimizer state sharding
+
+
+def _to_opt(tree: Any, layout: Layout) -> Any:
+    def one(path, x):
+        if not is_dtensor(x):
+            return x
+        return place(x, layout, layout.leaf_placements(path, x.dim(), "opt"))
+
+    return map_with_path(one, tree)
+
+
+def _local(tree: Any, device: str | None) -> Any:
+    def one(path, x):
+        t = x.to_local() if is_dtensor(x) else x
+        return t.to(device) if device and isinstance(t, torch.Tensor) else t
+
+    return map_with_path(one, tree)
+
+
+def global_grad_norm(grads: Any) -> torch.Tensor:
+    """The L2 norm of all gradients together, over the whole mesh (a plain fp32 scalar).
+
+    Local sums of squares are added per placement (a DTensor scalar is partial over the axes
+    its tensor is split along), so there is one all-reduce per distinct placement, not per leaf.
+    """
+    from torch.distributed.tensor import DTensor
+
+    plain = torch.zeros((), dtype=torch.float32)
+    groups: dict[tuple, list] = {}
+    for _, g in named_leaves(grads):
+        if not isinstance(g, torch.Tensor):
+            continue
+        sq = g.float().pow(2).sum()
+        if is_dtensor(sq):
+            entry = groups.setdefault((sq.device_mesh, tuple(sq.placements)), [])
+            entry.append(sq.to_local())
+        else:
+            plain = plain + sq.cpu()
+    for (mesh, placements), parts in groups.items():
+        local = torch.stack(parts).sum()
+        plain = plain + DTensor.from_local(local, mesh, placements, run_check=False).full_tensor().cpu()
+    return plain.sqrt()
+
+
+def _param_index(params: Any) -> list[tuple[str, Any]]:
+    """(path, placed leaf) pairs, longest path first, to recognise state leaves that mirror a
+    parameter (e.g. `1.mu.layers.0.attn.wq` mirrors `layers.0.attn.wq`)."""
+    pairs = [(p, x) for p, x in named_leaves(params) if is_dtensor(x)]
+    return sorted(pairs, key=lambda px: -len(px[0]))
+
+
+def _rewrap(state: Any, index: list[tuple[str, Any]]) -> Any:
+    """Local state leaves back into DTensors placed like the parameter they mirror, so the state
+    checkpoints with global offsets and can be resharded."""
+    from torch.distributed.tensor import DTensor
+
+    def one(path, x):
+        if not isinstance(x, torch.Tensor) or is_dtensor(x):
+            return x
+        for ppath, p in index:
+            if (path == ppath or path.endswith("." + ppath)) and tuple(x.shape) == tuple(p.to_local().shape):
+                return DTensor.from_local(x, p.device_mesh, p.placements, shape=p.shape,
+                                          stride=p.stride(), run_check=False)
+        return x
+
+    return map_with_path(one, state)
+
+
+def distributed_optimizer(inner, layout: Layout, *, max_grad_norm: float | None = None,
+                          offload: bool = False):
+    """`inner` (an optax-shaped GradientTransformation) applied shard by shard.
+
+    The optimizer works on each rank's local block of the layout's optimizer-state placement
+    ("opt": split over dp from ZeRO stage 1, plus any fsdp / tp split of the parameters), so its
+    state is never replicated beyond that. Elementwise optimizers are exact on blocks; the one
+    global quantity, the gradient norm for clipping, is computed over the mesh here when
+    `max_grad_norm` is given (the inner optimizer's own clipping then sees a norm already within
+    bounds and does nothing). New parameter blocks are all-gathered back into the parameter
+    placement. offload=True keeps the state on the host and runs the update there.
+    """
+    if layout.trivial and not offload:
+        return inner
+    host = "cpu" if offload else None
+
+    def init(params):
+        opt_params = _to_opt(params, layout)
+        state = inner.init(_local(opt_params, host))
+        return _rewrap(state, _param_index(opt_params))
+
+    def _clip(grads):
+        if not max_grad_norm:
+            return grads
+        norm = global_grad_norm(grads)
+        factor = max_grad_norm / torch.clamp(norm, min=max_grad_norm)
+        return map_with_path(lambda p, g: g * factor.to(g.device) if isinstance(g, torch.Tensor) else g, grads)
+
+    def _write_back(params, new_local, opt_params):
+        """Copy updated local blocks into the parameters (gathering where they are wider)."""
+        from torch.distributed.tensor import DTensor
+
+        def one(path, p, new, op):
+            if not isinstance(p, torch.Tensor):
+                return p
+            if not is_dtensor(p):
+                if new is not p:
+                    p.copy_(new.to(p.device))
+                return p
+            new = new.to(op.to_local().device)
+            block = DTensor.from_local(new, op.device_mesh, op.placements, shape=op.shape,
+                                       stride=op.stride(), run_check=False)
+            if tuple(op.placements) != tuple(p.placements):
+                block = block.redistribute(p.device_mesh, p.placements)
+            if block.to_local().data_ptr() != p.to_local().data_ptr():
+                p.to_local().copy_(block.to_local())
+            return p
+
+        return map_with_path(one, params, new_local, opt_params)
+
+    def apply_(params, grads, state):
+        grads = _clip(_to_opt(grads, layout))
+        opt_params = _to_opt(params, layout)
+        local_params = _local(opt_params, host)
+        local_state = _local(state, None)
+        if inner.apply_ is not None:
+            new_state = inner.apply_(local_params, _local(grads, host), local_state)
+        else:
+            updates, new_state = inner.update(_local(grads, host), local_state, local_params)
+            for p, u in zip(leaves(local_params), leaves(updates)):
+                p.add_(u.to(p.dtype))
+        _write_back(params, local_params, opt_params)
+        return _rewrap(new_state, _param_index(opt_params))
+
+    def update(grads, state, params=None):
+        grads = _clip(_to_opt(grads, layout))
+        opt_params = _to_opt(params, layout) if params is not None else None
+        local_params = _local(opt_params, host) if params is not None else None
+        updates, new_state = inner.update(_local(grads, host), _local(state, None), local_params)
+        index = _param_index(opt_params if opt_params is not None else grads)
+        updates = _rewrap(updates, index)
+        # back to the parameter placement (an all-gather where the state is narrower)
+        updates = map_with_path(
+            lambda p, u, ref: u.redistribute(ref.device_mesh, ref.placements)
+            if is_dtensor(u) and is_dtensor(ref) else u, updates, params if params is not None else grads)
+        return updates, _rewrap(new_state, index)
+
+    return inner._replace(init=init, update=update, apply_=apply_)
+
+
+def tree_like(template: Any, values: list) -> Any:
+    return unflatten(structure(template), values)

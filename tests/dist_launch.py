@@ -1,0 +1,31 @@
+"""Launch a worker script under torchrun for the multi-process tests (gloo on CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+
+def torchrun(script: str, nproc: int, *args: str, timeout: float = 300, env: dict | None = None,
+             check: bool = True) -> subprocess.CompletedProcess:
+    """Run tests/<script> on `nproc` processes; stdout+stderr captured as text."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(TESTS / script), *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} on {nproc} processes failed (exit {proc.returncode}):\n"
+                             f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def results(proc: subprocess.CompletedProcess, tag: str = "RESULT") -> list[dict]:
+    """The JSON records a worker printed as `RESULT {...}` lines."""
+    prefix = tag + " "
+    return [json.loads(line[len(prefix):]) for line in proc.stdout.splitlines() if line.startswith(prefix)]

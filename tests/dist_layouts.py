@@ -1,0 +1,77 @@
+"""Worker (run under torchrun): train a tiny model a few steps under several layouts and print,
+as one JSON line per layout, the per-step losses and the largest parameter difference against
+the same steps run in one process (each rank computes that reference itself).
+
+    torchrun --standalone --nproc-per-node 2 tests/dist_layouts.py "dp=2" "tp=2;sp" "dp=2;zero=2"
+
+A layout is "<mesh>[;zero=N][;sp][;offload][;micro=M]".
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+
+import parallel
+from aquila_fn import model, optim, sharding, train
+from aquila_fn.config import get_config
+
+CONFIG = get_config("tiny").replace(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                                    vocab_size=64, max_seq_len=64, tie_embeddings=False)
+SEED, STEPS, BATCH, SEQ = 0, 3, 4, 16
+
+
+def batches(config=CONFIG):
+    g = torch.Generator().manual_seed(1234)
+    for _ in range(STEPS):
+        x = torch.randint(0, config.vocab_size, (BATCH, SEQ + 1), generator=g)
+        labels = x[:, 1:].clone()
+        labels[0, :5] = -100  # uneven token counts across data ranks
+        yield {"input_ids": x[:, :-1].contiguous(), "labels": labels}
+
+
+def make_optimizer():
+    return optim.adamw(optim.warmup_cosine(1e-2, 1, STEPS), weight_decay=0.1, max_grad_norm=1.0)
+
+
+def run(layout, *, micro=1, offload=False, config=CONFIG):
+    params = sharding.init_params(config, SEED, layout)
+    opt = make_optimizer()
+    if not layout.trivial or offload:
+        opt = parallel.distributed_optimizer(opt, layout, max_grad_norm=1.0, offload=offload)
+    state = train.init_train_state(params, opt, precision="fp32")
+    step = sharding.make_train_step(config, opt, layout, micro_batches=micro, precision="fp32")
+    losses = []
+    for batch in batches(config):
+        state, metrics = step(state, sharding.local_batch(batch, layout))
+        losses.append(metrics["loss"])
+    return losses, parallel.gather(state["params"]), state
+
+
+def parse(text):
+    parts = text.split(";")
+    opts = dict(p.split("=", 1) if "=" in p else (p, "1") for p in parts[1:])
+    return parts[0], int(opts.get("zero", 0)), "sp" in opts, "offload" in opts, int(opts.get("micro", 1))
+
+
+def main(argv):
+    trivial = parallel.Layout(parallel.mesh.trivial_mesh(), sharding.RULES)
+    ref_losses, ref_params, _ = run(trivial)
+    for text in argv:
+        spec, zero, sp, offload, micro = parse(text)
+        mesh = parallel.make_mesh(spec)
+        layout = sharding.make_layout(mesh, zero=zero, sequence_parallel=sp)
+        t0 = time.time()
+        losses, params, _ = run(layout, micro=micro, offload=offload)
+        diff = max((a - b).abs().max().item() for a, b in
+                   zip(parallel.tree.leaves(ref_params), parallel.tree.leaves(params)))
+        if mesh.rank == 0:
+            print("RESULT " + json.dumps({"layout": text, "losses": losses, "ref": ref_losses,
+                                          "param_diff": diff, "seconds": time.time() - t0}), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
