@@ -1,0 +1,505 @@
+"""The pretraining run: data -> train steps -> metrics, checkpoints, evaluation, samples.
+
+    python scripts/pretrain.py                      # the embedded default: `tiny` on tiny-shakespeare
+    python scripts/pretrain.py --config small --data corpus_text_document --tokenizer tok.model \\
+        --steps 10000 --batch-size 64 --micro-batch-size 8 --seq-len 2048 --out runs/x
+
+`pretrain(args)` reads top to bottom: build the config, data, optimizer and state (fresh or from
+the newest checkpoint with --resume), then loop over `train.make_train_step`, writing one JSON
+line per step to `<out>/metrics.jsonl`, evaluating on the valid split, checkpointing every
+--save-every steps and on SIGTERM / Ctrl-C, and at the end saving a loss-curve PNG and printing
+samples. A resumed run continues bit-identically: the checkpoint holds params, optimizer state,
+step, loss scale and RNG state; its metadata holds the data position.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aquila_fn import checkpoint, data, model, optim, pytree, train
+from aquila_fn.config import ModelConfig, PRESETS, get_config
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+# The embedded default run: a few million parameters on ~0.7M tokens of Shakespeare, sized so
+# the loss falls from ln(512) ≈ 6.2 to well under 3 within a few minutes on 2 CPU cores.
+DEFAULT_RUN = dict(config="tiny", data=str(ASSETS / "tinyshakespeare.txt"),
+                   tokenizer=str(ASSETS / "tok512.model"), steps=300, batch_size=16, seq_len=128,
+                   lr=2e-3, warmup=20, min_lr=2e-4, eval_every=100, out="runs/tiny-shakespeare")
+
+# Dense peak TFLOP/s per device for MFU, by compute dtype. The CPU row is this project's
+# development machine (2 cores; fp32 and avx512_bf16 matmul measured); override with --peak-tflops.
+PEAK_TFLOPS = {
+    "cpu": {"fp32": 0.2, "bf16": 0.875, "fp16": 0.2},
+    "H200": {"fp32": 67.0, "bf16": 989.0, "fp16": 989.0},
+    "H100": {"fp32": 67.0, "bf16": 989.0, "fp16": 989.0},
+    "A100": {"fp32": 19.5, "bf16": 312.0, "fp16": 312.0},
+    "V100": {"fp32": 15.7, "bf16": 15.7, "fp16": 125.0},
+    "4090": {"fp32": 82.6, "bf16": 165.0, "fp16": 165.0},
+    "Ascend910B": {"fp32": 80.0, "bf16": 313.0, "fp16": 313.0},
+}
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "aquila_fn", "data")
+
+
+class PretrainError(ValueError):
+    """Bad arguments or inputs for a pretraining run; the message says what to change."""
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def _overrides(text: str) -> dict[str, Any]:
+    """"dim=64,n_layers=2,tie_embeddings=true" -> {"dim": 64, "n_layers": 2, "tie_embeddings": True}."""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        if "=" not in item:
+            raise argparse.ArgumentTypeError(f"model override {item!r} is not key=value")
+        key, value = (s.strip() for s in item.split("=", 1))
+        low = value.lower()
+        if low in ("true", "false"):
+            out[key] = low == "true"
+        else:
+            try:
+                out[key] = int(value)
+            except ValueError:
+                try:
+                    out[key] = float(value)
+                except ValueError:
+                    raise argparse.ArgumentTypeError(f"model override {item!r}: {value!r} is not a number "
+                                                     "or true/false") from None
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = DEFAULT_RUN
+    p = argparse.ArgumentParser(
+        description="Pretrain an Aquila/LLaMA model. With no arguments: the `tiny` config on the "
+                    "shipped tiny-shakespeare corpus, a few minutes on a laptop CPU.")
+    a = p.add_argument
+    a("--config", default=d["config"], help=f"preset ({', '.join(PRESETS)}) or a config JSON "
+      "(ModelConfig.to_dict or a Hugging Face config.json)")
+    a("--model-overrides", type=_overrides, default={}, metavar="K=V,...",
+      help="replace config fields, e.g. dim=64,n_layers=2")
+    a("--data", default=d["data"], help="indexed dataset prefix (.bin/.idx) or a raw text file "
+      "(tokenised once into --data-cache)")
+    a("--data-cache", default=default_cache_dir(), help="where raw text is tokenised to, once")
+    a("--split", default="969,30,1", help="train,valid,test document split (Megatron --split)")
+    a("--tokenizer", default=d["tokenizer"], help="tokenizer file/dir (needed for raw text and samples)")
+    a("--seed", type=int, default=1234)
+    a("--steps", type=int, default=d["steps"], help="train steps (optimizer updates incl. skipped)")
+    a("--decay-steps", type=int, default=None, help="lr schedule length (default: --steps)")
+    a("--batch-size", type=int, default=d["batch_size"], help="global batch, in sequences")
+    a("--micro-batch-size", type=int, default=None, help="sequences per micro-batch (default: batch)")
+    a("--seq-len", type=int, default=d["seq_len"])
+    a("--lr", type=float, default=d["lr"])
+    a("--warmup", type=int, default=d["warmup"], help="warmup steps")
+    a("--min-lr", type=float, default=d["min_lr"])
+    a("--decay", choices=sorted(optim.SCHEDULES), default="cosine")
+    a("--weight-decay", type=float, default=0.1)
+    a("--no-decay-embeddings", action="store_true", help="exclude the embedding from weight decay")
+    a("--adam-beta1", type=float, default=0.9)
+    a("--adam-beta2", type=float, default=0.95)
+    a("--adam-eps", type=float, default=1e-8)
+    a("--clip-grad", type=float, default=1.0, help="max global grad norm (0: off)")
+    a("--precision", default="auto", help="bf16 | fp16 | fp32 | auto (bf16 where the hardware has it)")
+    a("--recompute", choices=model.RECOMPUTE_POLICIES, default="none")
+    a("--compile", action=argparse.BooleanOptionalAction, default=False,
+      help="compile the loss (forward+backward) with fullgraph=True")
+    a("--impl", choices=("auto", "reference", "fused"), default="auto", help="ops implementation")
+    a("--out", default=d["out"], help="run directory: metrics.jsonl, checkpoints, loss.png")
+    a("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    a("--keep", type=int, default=2, help="checkpoints to keep")
+    a("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    a("--eval-every", type=int, default=d["eval_every"], help="validation every N steps (0: only at the end)")
+    a("--eval-iters", type=int, default=8, help="validation micro-batches per evaluation")
+    a("--peak-tflops", type=float, default=None, help="peak FLOP/s for MFU (default: device table)")
+    a("--samples", type=int, default=3, help="texts to generate at the end")
+    a("--sample-tokens", type=int, default=96)
+    a("--temperature", type=float, default=0.8)
+    a("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar on stderr")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once."""
+    args: argparse.Namespace
+    config: ModelConfig
+    precision: str
+    micro_batches: int
+    datasets: dict
+    tokenizer: Any
+    optimizer: optim.GradientTransformation
+    out: Path
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    for name in ("steps", "batch_size", "seq_len"):
+        if getattr(args, name) < 1:
+            raise PretrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    mbs = args.micro_batch_size or args.batch_size
+    if mbs < 1 or args.batch_size % mbs:
+        raise PretrainError(f"--batch-size {args.batch_size} is not divisible by "
+                            f"--micro-batch-size {mbs}")
+    if args.precision != "auto":
+        try:
+            train.get_precision(args.precision)
+        except ValueError as e:
+            raise PretrainError(str(e)) from None
+    if args.keep < 1:
+        raise PretrainError(f"--keep must be >= 1, got {args.keep}")
+
+
+def load_config(name: str, overrides: dict) -> ModelConfig:
+    if name in PRESETS:
+        return get_config(name, **overrides)
+    path = Path(name)
+    if not path.is_file():
+        raise PretrainError(f"--config {name!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
+    raw = json.loads(path.read_text())
+    config = ModelConfig.from_hf(raw) if "hidden_size" in raw else ModelConfig.from_dict(raw)
+    return config.replace(**overrides) if overrides else config
+
+
+def load_tokenizer_or_none(path: str | None):
+    if not path:
+        return None
+    from aquila_fn.tokenizer import load_tokenizer
+    if not os.path.exists(path):
+        raise PretrainError(f"--tokenizer {path}: no such file or directory")
+    return load_tokenizer(path)
+
+
+def setup(args: argparse.Namespace) -> Run:
+    validate_args(args)
+    precision = train.default_precision("cpu") if args.precision == "auto" else args.precision
+    tokenizer = load_tokenizer_or_none(args.tokenizer)
+    config = load_config(args.config, args.model_overrides)
+    if tokenizer is not None:
+        config = config.with_vocab(tokenizer.vocab_size)
+    if args.seq_len > config.max_seq_len:
+        raise PretrainError(f"--seq-len {args.seq_len} exceeds the config's max_seq_len {config.max_seq_len}")
+    data_path = args.data
+    if not (os.path.exists(data_path) or os.path.exists(data_path + ".idx")):
+        raise PretrainError(f"--data {data_path}: no such file (nor {data_path}.idx)")
+    mbs = args.micro_batch_size or args.batch_size
+    datasets = data.build_gpt_datasets(
+        data_path, args.seq_len, args.seed, split=args.split, train_samples=args.steps * args.batch_size,
+        valid_samples=None, tokenizer=tokenizer, cache_dir=args.data_cache)
+    decay_steps = args.decay_steps or args.steps
+    schedule = optim.make_schedule(args.decay, args.lr, args.warmup, max(decay_steps, args.warmup),
+                                   min(args.min_lr, args.lr))
+    mask = lambda params: optim.decay_mask(params, decay_embeddings=not args.no_decay_embeddings)
+    optimizer = optim.adamw(schedule, b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_eps,
+                            weight_decay=args.weight_decay, mask=mask,
+                            max_grad_norm=args.clip_grad or None)
+    return Run(args, config, precision, args.batch_size // mbs, datasets, tokenizer, optimizer,
+               Path(args.out))
+
+
+# ----------------------------------------------------------------------------- state and checkpoints
+
+
+def fresh_state(run: Run) -> tuple[dict, int]:
+    params = model.init_params(run.config, run.args.seed)
+    state = train.init_train_state(params, run.optimizer, precision=run.precision)
+    state["rng"] = torch.Generator().manual_seed(run.args.seed).get_state()
+    return state, 0
+
+
+def restore_into(template: Any, loaded: Any) -> Any:
+    """Loaded leaves placed into the template's structure by path; shapes and dtypes must match."""
+    got = pytree.flatten_dict(loaded)
+    leaves = []
+    for path, want in pytree.named_leaves(template):
+        if path not in got:
+            raise PretrainError(f"checkpoint lacks {path!r} (was it written with another config?)")
+        have = got[path]
+        if have.shape != want.shape or have.dtype != want.dtype:
+            raise PretrainError(f"checkpoint leaf {path!r} is {tuple(have.shape)} {have.dtype}, the run "
+                                f"expects {tuple(want.shape)} {want.dtype}")
+        leaves.append(have)
+    return pytree.unflatten(pytree.structure(template), leaves)
+
+
+def resume_state(run: Run) -> tuple[dict, int]:
+    """(state, data position) from the newest loadable checkpoint in --out."""
+    found = checkpoint.load_latest(checkpoint_dir(run))
+    if found is None:
+        raise PretrainError(f"--resume: no checkpoint in {checkpoint_dir(run)}")
+    path, loaded, meta = found
+    if meta.get("config") != run.config.to_dict():
+        raise PretrainError(f"--resume: {path} was written with config {meta.get('config')}, "
+                            f"this run has {run.config.to_dict()}")
+    template, _ = fresh_state(run)
+    return restore_into(template, loaded), int(meta["data_position"])
+
+
+def checkpoint_dir(run: Run) -> Path:
+    return run.out / "checkpoints"
+
+
+def save(run: Run, state: dict, position: int) -> str:
+    meta = {"config": run.config.to_dict(), "data_position": position, "precision": run.precision,
+            "args": {k: v for k, v in vars(run.args).items() if isinstance(v, (str, int, float, bool, dict, type(None)))}}
+    return checkpoint.save_checkpoint(checkpoint_dir(run), state, step=int(state["step"]), metadata=meta,
+                                      keep=run.args.keep)
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+class StopRequest:
+    """SIGTERM / Ctrl-C set a flag the loop checks after each step (so a checkpoint is written
+    from a consistent state); a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    @contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signals can only be caught on the main thread
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        try:
+            yield self
+        finally:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def peak_flops(precision: str, device: str | torch.device = "cpu", override_tflops: float | None = None) -> float:
+    if override_tflops:
+        return override_tflops * 1e12
+    kind = torch.device(device).type
+    if kind == "cuda" and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(torch.device(device))
+        row = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    elif kind == "npu":
+        row = PEAK_TFLOPS["Ascend910B"]
+    else:
+        row = PEAK_TFLOPS["cpu"]
+    return (row or PEAK_TFLOPS["cpu"])[precision] * 1e12
+
+
+class MetricsLog:
+    """`<out>/metrics.jsonl`, one JSON object per step. On resume, lines past the checkpoint's
+    step (written after it by the interrupted run) are dropped so the file has no duplicates."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step is not None and path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip() and json.loads(line)["step"] <= resume_step:
+                    kept.append(line)
+        path.write_text("".join(line + "\n" for line in kept))
+        self.records = [json.loads(line) for line in kept]
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def plot_losses(records: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train", lw=1)
+    val = [r for r in records if "val_loss" in r]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="valid")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- evaluation and samples
+
+
+def validation_loss(run: Run, eval_loss, params) -> float | None:
+    """Token-weighted loss over the first --eval-iters micro-batches of the valid split (always the
+    same ones, so values are comparable across steps). Micro-batch shape = the training one."""
+    ds = run.datasets.get("valid")
+    if ds is None or run.args.eval_iters < 1:
+        return None
+    mbs = run.args.micro_batch_size or run.args.batch_size
+    stop = min(len(ds), run.args.eval_iters * mbs)
+    batches = [b for _, b in data.batch_iterator(ds, mbs, stop=stop)]
+    if not batches:  # the split is smaller than one micro-batch: evaluate what there is
+        batches = [b for _, b in data.batch_iterator(ds, len(ds))]
+    return eval_loss(params, batches) if batches else None
+
+
+@torch.no_grad()
+def sample_tokens(params, config: ModelConfig, prompt: list[int], max_new_tokens: int, *,
+                  temperature: float, generator: torch.Generator, eos_id: int | None = None,
+                  compute_dtype: torch.dtype | None = None) -> list[int]:
+    """A minimal sampler over the static KV cache (the inference engine lives in
+    aquila_fn.generate): prefill the prompt, then one token at a time."""
+    from aquila_fn.sampling import SamplingParams, sample
+    strategy = SamplingParams(temperature=temperature)
+    total = min(len(prompt) + max_new_tokens, config.max_seq_len)
+    cache = model.init_cache(config, 1, total, dtype=compute_dtype or torch.float32)
+    logits, cache = model.forward(params, torch.tensor([prompt]), config, cache=cache,
+                                  compute_dtype=compute_dtype)
+    out, pos = [], len(prompt)
+    while pos < total:
+        token = int(sample(logits[:, -1], strategy, generator=generator)[0])
+        out.append(token)
+        if token == eos_id:
+            break
+        logits, cache = model.forward(params, torch.tensor([[token]]), config, cache=cache,
+                                      start_pos=pos, compute_dtype=compute_dtype)
+        pos += 1
+    return out
+
+
+def generate_samples(run: Run, params, generator: torch.Generator) -> list[str]:
+    tok = run.tokenizer
+    if tok is None or run.args.samples < 1:
+        return []
+    prompts = ["ROMEO:", "First Citizen:\n", "The king"][:run.args.samples]
+    prompts += [""] * (run.args.samples - len(prompts))
+    dtype = train.get_precision(run.precision).compute_dtype
+    texts = []
+    for prompt in prompts:
+        ids = tok.encode(prompt, bos=tok.bos_id is not None) or [0]
+        new = sample_tokens(params, run.config, ids, run.args.sample_tokens,
+                            temperature=run.args.temperature, generator=generator,
+                            eos_id=tok.eos_id, compute_dtype=dtype)
+        texts.append(prompt + tok.decode(new))
+    return texts
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def pretrain(args: argparse.Namespace) -> dict:
+    """Run (or continue) pretraining; returns a summary dict (also written to <out>/summary.json)."""
+    run = setup(args)
+    state, position = resume_state(run) if args.resume else fresh_state(run)
+    start_step = int(state["step"])
+    log = MetricsLog(run.out / "metrics.jsonl", start_step if args.resume else None)
+    train_step = train.make_train_step(run.config, run.optimizer, micro_batches=run.micro_batches,
+                                       precision=run.precision, recompute=args.recompute,
+                                       compile=args.compile, impl=args.impl)
+    eval_loss = train.make_eval_loss(run.config, precision=run.precision, impl=args.impl)
+    flops_per_token = run.config.flops_per_token(args.seq_len)
+    peak = peak_flops(run.precision, "cpu", args.peak_tflops)
+    tokens_per_step = args.batch_size * args.seq_len
+
+    from tqdm import tqdm
+    bar = tqdm(total=args.steps, initial=start_step, file=sys.stderr, dynamic_ncols=True,
+               disable=not args.progress, desc="pretrain")
+    stop = StopRequest()
+    started, step, interrupted, last_val = time.perf_counter(), start_step, None, None
+    batches = data.batch_iterator(run.datasets["train"], args.batch_size, start=position,
+                                  stop=args.steps * args.batch_size)
+    with stop.installed():
+        for position, batch in batches:
+            t0 = time.perf_counter()
+            state, m = train_step(state, batch)
+            dt = time.perf_counter() - t0
+            step = int(state["step"])
+            record = {"step": step, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
+                      "tokens_per_s": tokens_per_step / dt, "mfu": flops_per_token * tokens_per_step / dt / peak,
+                      "n_tokens": m["n_tokens"], "skipped": m["skipped"], "loss_scale": m["loss_scale"],
+                      "step_time": dt}
+            if step == args.steps or (args.eval_every and step % args.eval_every == 0):
+                last_val = record["val_loss"] = validation_loss(run, eval_loss, state["params"])
+            log.write(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                            mfu=f"{record['mfu']:.1%}", refresh=False)
+            if stop.signum is not None:
+                interrupted = signal.Signals(stop.signum).name
+                break
+            if args.save_every and step % args.save_every == 0 and step < args.steps:
+                save(run, state, position)
+    bar.close()
+
+    ckpt = save(run, state, position) if step > start_step or interrupted else None
+    summary = {"steps": step, "interrupted": interrupted, "checkpoint": ckpt,
+               "train_loss": log.records[-1]["loss"] if log.records else None,
+               "first_loss": log.records[0]["loss"] if log.records else None,
+               "elapsed_s": time.perf_counter() - started, "precision": run.precision}
+    if interrupted is None:
+        summary["val_loss"] = last_val
+        if log.records:
+            plot_losses(log.records, run.out / "loss.png")
+            summary["plot"] = os.fspath(run.out / "loss.png")
+        generator = torch.Generator()
+        generator.set_state(state["rng"])
+        summary["samples"] = generate_samples(run, state["params"], generator)
+    (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def report(summary: dict, out=sys.stdout) -> None:
+    """The human-readable end of a run, on stdout."""
+    if summary.get("interrupted"):
+        print(f"stopped by {summary['interrupted']} at step {summary['steps']}; checkpoint: "
+              f"{summary['checkpoint']} (continue with --resume)", file=out)
+        return
+    print(f"trained {summary['steps']} steps in {summary['elapsed_s']:.0f}s: loss "
+          f"{summary['first_loss']:.3f} -> {summary['train_loss']:.3f}"
+          + (f", valid {summary['val_loss']:.3f}" if summary.get("val_loss") is not None else ""), file=out)
+    if summary.get("plot"):
+        print(f"loss curve: {summary['plot']}; checkpoint: {summary['checkpoint']}", file=out)
+    for i, text in enumerate(summary.get("samples", [])):
+        print(f"--- sample {i + 1} ---\n{text}", file=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        summary = pretrain(args)
+    except (PretrainError, data.DataError, checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    report(summary)
+    return 0
