@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
@@ -319,3 +320,68 @@ def _generate_batch(params, config, tokenizer, prompts, max_new_tokens, stop, co
                                 compute_dtype=compute_dtype, return_hidden=True)
     texts = [tokenizer.decode(g) for g in generated]
     return [t[:_stop_index(t, stop)] if _stop_index(t, stop) is not None else t for t in texts]
+
+
+# ----------------------------------------------------------------------------- loading (for the CLIs)
+
+
+def _fallback_load(path: Path, dtype: torch.dtype, device) -> tuple[ModelConfig, Params, object | None]:
+    """llama2.c .bin files and native checkpoints, for when aquila_fn.generate is not available."""
+    if path.is_file() and path.suffix == ".bin":
+        from aquila_fn.llama2c import load_llama2c
+        config, params = load_llama2c(path, dtype=dtype, device=device)
+        return config, params, None
+    from aquila_fn.checkpoint import load_checkpoint
+    state, meta = load_checkpoint(path, map_location=device)
+    if "config" not in meta or "params" not in state:
+        raise ValueError(f"{path}: checkpoint has no params/config; pass a llama2.c .bin, a Hugging "
+                         f"Face directory or a native checkpoint written with its config")
+    from aquila_fn import pytree
+    params = pytree.tree_map(lambda x: x.to(dtype) if x.is_floating_point() else x, state["params"])
+    return ModelConfig.from_dict(meta["config"]), params, None
+
+
+def _tokenizer_beside(path: Path, vocab_size: int):
+    """A llama2.c habit: tok{vocab}.model (or tokenizer.model) next to the weights."""
+    base = path if path.is_dir() else path.parent
+    for name in (f"tok{vocab_size}.model", "tokenizer.model"):
+        if (base / name).is_file():
+            from aquila_fn.tokenizer import load_tokenizer
+            return load_tokenizer(base / name)
+    return None
+
+
+def load_model_and_tokenizer(model_path, tokenizer_path=None, *, adapters_path=None,
+                             dtype: torch.dtype = torch.float32, device="cpu"):
+    """(config, params, tokenizer) for the CLIs: any model `aquila_fn.generate.load_model` reads
+    (llama2.c .bin, Hugging Face dir, native checkpoint), an explicit tokenizer or the model's own
+    or one beside it, and optionally LoRA adapters merged in (alpha from their metadata)."""
+    path = Path(model_path)
+    if not path.exists():
+        raise FileNotFoundError(f"model not found: {path}")
+    try:
+        from aquila_fn.generate import load_model
+    except ImportError:
+        load_model = None
+    if load_model is not None:
+        config, params, tokenizer = load_model(path, dtype=dtype)
+    else:
+        config, params, tokenizer = _fallback_load(path, dtype, device)
+    if isinstance(tokenizer_path, (str, Path)):
+        from aquila_fn.tokenizer import load_tokenizer
+        tokenizer = load_tokenizer(tokenizer_path)
+    elif tokenizer_path is not None:  # an already loaded tokenizer
+        tokenizer = tokenizer_path
+    tokenizer = tokenizer or _tokenizer_beside(path, config.vocab_size)
+    if tokenizer is None:
+        raise ValueError(f"no tokenizer found for {path}; pass --tokenizer")
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {config.vocab_size}")
+    if adapters_path is not None:
+        from aquila_fn.lora import load_adapters, lora_merge
+        adapters, info = load_adapters(adapters_path, map_location=device)
+        params = lora_merge(params, adapters, info["alpha"])
+    if torch.device(device) != params["embed"].device:
+        from aquila_fn import pytree
+        params = pytree.tree_map(lambda x: x.to(device), params)
+    return config, params, tokenizer
