@@ -145,7 +145,9 @@ def check_tokens(tokens: torch.Tensor, vocab_size: int) -> None:
         raise TokenError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _linear(x: torch.Tensor, w: torch.Tensor | dict) -> torch.Tensor:
+    if isinstance(w, dict):  # weight-only int8 (aquila_fn.quantize): per-output-channel scales
+        return (x @ w["int8"].to(x.dtype).T) * w["scale"].to(x.dtype)
     return x @ w.to(x.dtype).T
 
 
