@@ -38,7 +38,7 @@ DEFAULT_TOKENIZER = ASSETS / "tok512.model"
 
 __all__ = ["Decoder", "Completion", "StreamEvent", "DecodeStats", "Beam", "load_model", "generate",
            "stream", "beam_search", "prefill_step", "decode_step", "left_pad", "decode_backend",
-           "DEFAULT_MODEL", "DEFAULT_TOKENIZER"]
+           "aquila_chat_prompt", "completion_text", "AQUILA_SYSTEM", "AQUILA_STOP", "DEFAULT_MODEL", "DEFAULT_TOKENIZER"]
 
 
 # ----------------------------------------------------------------------------- results
@@ -184,8 +184,10 @@ class _TextTracker:
     """Incremental text of one row: detokenises as tokens come, cuts at the first stop string,
     and holds back a tail that might still become one, so streamed text never has to be taken back."""
 
-    def __init__(self, tokenizer, stops: Sequence[str]):
+    def __init__(self, tokenizer, stops: Sequence[str], context: Sequence[int] = ()):
         self.decoder = tokenizer.stream_decoder()
+        for token in context[-8:]:  # the prompt's tail: a completion's first word keeps its space
+            self.decoder.push(token)
         self.stops = [s for s in stops if s]
         self.text = ""
         self.emitted = 0
@@ -217,6 +219,14 @@ class _TextTracker:
         out = self.text[self.emitted:upto] if upto > self.emitted else ""
         self.emitted = max(self.emitted, upto)
         return out
+
+
+def completion_text(tokenizer, prompt: Sequence[int], tokens: Sequence[int]) -> str:
+    """The text `tokens` add after `prompt` (decoding them alone would drop a leading space)."""
+    context = list(prompt[-8:])
+    head = tokenizer.decode(context)
+    full = tokenizer.decode(context + list(tokens))
+    return full[len(head):] if full.startswith(head) else tokenizer.decode(list(tokens))
 
 
 def _eos_set(eos_id) -> set[int]:
@@ -345,7 +355,7 @@ class Decoder:
         self.stats = DecodeStats(prompt_tokens=sum(map(len, prompts)))
         batch = self.layout(prompts, max_new_tokens)
         cache = self.new_cache(b, batch.max_len)
-        trackers = [_TextTracker(tokenizer, stop) for _ in range(b)] if tokenizer is not None else None
+        trackers = [_TextTracker(tokenizer, stop, p) for p in prompts] if tokenizer is not None else None
         out = [Completion([], "" if tokenizer else None, "length") for _ in range(b)]
         done = [False] * b
         seen = seen_mask(prompts, self.config.vocab_size, self.device) \
@@ -559,6 +569,21 @@ def beam_search(params, config: ModelConfig, prompts, *, compile=False, compute_
     return Decoder(params, config, compile=compile, compute_dtype=compute_dtype).beam_search(prompts, **kwargs)
 
 
+# ----------------------------------------------------------------------------- chat
+
+
+# FlagAI / FastChat "aquila-chat" conversation template (AquilaChat).
+AQUILA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+AQUILA_STOP = ("###", "</s>", "[UNK]")
+
+
+def aquila_chat_prompt(history: Sequence[tuple[str, str]], *, system: str = AQUILA_SYSTEM) -> str:
+    """`{system}###Human: hi###Assistant: hello###Human: {last}###Assistant:` from
+    (role, message) turns, roles "Human" / "Assistant"; the model continues the last turn."""
+    return system + "".join(f"###{role}: {message}" for role, message in history) + "###Assistant:"
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -599,12 +624,7 @@ def load_model(path: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.dtype | 
         from aquila_fn.llama2c import load_llama2c
         config, params = load_llama2c(path)
     else:
-        from aquila_fn.checkpoint import load_checkpoint
-        state, metadata = load_checkpoint(path)
-        if "config" not in metadata:
-            raise ValueError(f"checkpoint {path} has no config in its metadata")
-        config = ModelConfig.from_dict(metadata["config"])
-        params = state["params"] if "params" in state else state
+        config, params, tokenizer = _load_native(path, tokenizer)
     from aquila_fn import pytree
     params = pytree.tree_map(lambda x: _cast(x, dtype, device), params)
     if tokenizer is not None:
@@ -613,6 +633,22 @@ def load_model(path: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.dtype | 
     else:
         tok = _tokenizer_near(path)
     return config, params, tok
+
+
+def _load_native(path: Path, tokenizer):
+    """A native checkpoint (a run directory, a step directory or a rank file); its metadata must
+    hold the config, and may name the tokenizer the run used."""
+    from aquila_fn.checkpoint import load_checkpoint
+    state, metadata = load_checkpoint(path)
+    if "config" not in metadata:
+        raise ValueError(f"checkpoint {path} has no model config in its metadata")
+    config = ModelConfig.from_dict(metadata["config"])
+    params = state["params"] if isinstance(state, dict) and "params" in state else state
+    if tokenizer is None:
+        named = metadata.get("tokenizer") or (metadata.get("args") or {}).get("tokenizer")
+        if isinstance(named, str) and Path(named).exists():
+            tokenizer = named
+    return config, params, tokenizer
 
 
 def _cast(x: torch.Tensor, dtype, device) -> torch.Tensor:

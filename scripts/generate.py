@@ -1,0 +1,221 @@
+#!/usr/bin/env python
+"""Generate text with an Aquila / LLaMA model: llama2.c `.bin`, Hugging Face directory or native checkpoint.
+
+    python scripts/generate.py --prompt "Once upon a time" --max-new-tokens 60      # stories260K, greedy
+    python scripts/generate.py --model hf_dir --prompt "..." --temperature 0.8 --top-p 0.95 --seed 1
+    python scripts/generate.py --model hf_dir --prompt "..." --num-beams 4 --length-penalty 1.0
+    python scripts/generate.py --model ckpt_dir --tokenizer tok.model --batch-file prompts.txt
+    python scripts/generate.py --model hf_dir --interactive                 # AquilaChat template
+    python scripts/generate.py --compile --quantize int8 --dtype bfloat16 ...
+
+Stdout: each prompt followed by its completion (streamed for a single prompt). Stderr: one
+statistics line: prefill time and decode speed in tokens/s, one-time compilation excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence, TextIO
+
+import torch
+
+from aquila_fn.generate import (AQUILA_STOP, DEFAULT_MODEL, Decoder, aquila_chat_prompt,
+                                completion_text, load_model)
+from aquila_fn.sampling import SamplingParams
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help="llama2.c .bin, Hugging Face directory or native checkpoint (default: stories260K)")
+    p.add_argument("--tokenizer", help="tokenizer file or directory (default: the one shipped with the model)")
+    p.add_argument("--prompt", default="", help="prompt text (default: empty, i.e. start from BOS)")
+    p.add_argument("--batch-file", help="a file with one prompt per line, generated as one batch")
+    p.add_argument("--interactive", action="store_true", help="chat on stdin with the AquilaChat template")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    p.add_argument("--num-beams", type=int, default=1, help="> 1: beam search (sampled if --temperature > 0)")
+    p.add_argument("--length-penalty", type=float, default=1.0)
+    p.add_argument("--early-stopping", default="false", choices=["true", "false", "never"])
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 (per-channel scales)")
+    p.add_argument("--compile", action="store_true", help="compile prefill and decode step (torch.compile)")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        p.error("--max-new-tokens must be at least 1")
+    if args.num_beams < 1:
+        p.error("--num-beams must be at least 1")
+    if args.interactive and args.batch_file:
+        p.error("--interactive and --batch-file are exclusive")
+    return args
+
+
+def build(args):
+    dtype = DTYPES[args.dtype]
+    config, params, tok = load_model(args.model, dtype=dtype, device=args.device, tokenizer=args.tokenizer)
+    if tok is None:
+        raise SystemExit(f"error: no tokenizer found for {args.model}; pass --tokenizer")
+    if args.quantize == "int8":
+        from aquila_fn.quantize import quantize_params
+        params = quantize_params(params)
+    decoder = Decoder(params, config, compile=args.compile, compute_dtype=dtype)
+    return decoder, tok
+
+
+def sampling_params(args) -> SamplingParams:
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          repetition_penalty=args.repetition_penalty)
+
+
+def encode(tok, text: str) -> list[int]:
+    return tok.encode(text, bos=tok.bos_id is not None)
+
+
+def fit_max_new(decoder: Decoder, prompts: list[list[int]], wanted: int, err: TextIO) -> int:
+    """Clamp to the context window, as llama2.c does, instead of failing."""
+    room = decoder.config.max_seq_len - max(map(len, prompts))
+    if room < 1:
+        raise SystemExit(f"error: the prompt ({max(map(len, prompts))} tokens) fills the "
+                         f"model's context of {decoder.config.max_seq_len}")
+    if wanted > room:
+        print(f"note: --max-new-tokens {wanted} reduced to {room} to fit max_seq_len", file=err)
+    return min(wanted, room)
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return text[:min(hits)] if hits else text
+
+
+def generation_kwargs(args, tok, max_new: int, stops: Sequence[str]) -> dict:
+    return dict(max_new_tokens=max_new, sampling=sampling_params(args),
+                generator=args.generator, eos_id=tok.eos_id, stop=stops,
+                tokenizer=tok)
+
+
+def complete(args, decoder: Decoder, tok, texts: list[str], out: TextIO, err: TextIO,
+             stops: Sequence[str] = ()) -> list[str]:
+    """Generate for the prompts, writing prompt + completion to `out`; the completions' text."""
+    prompts = [encode(tok, t) for t in texts]
+    max_new = fit_max_new(decoder, prompts, args.max_new_tokens, err)
+    compile_s = warm(args, decoder, prompts, max_new)
+    if args.num_beams > 1:
+        completions = beam_texts(args, decoder, tok, prompts, max_new, stops)
+        for text, completion in zip(texts, completions):
+            out.write(text + completion + "\n")
+    elif len(prompts) == 1:
+        out.write(texts[0])
+        out.flush()
+        pieces = []
+        for event in decoder.stream(prompts, **generation_kwargs(args, tok, max_new, stops)):
+            out.write(event.text)
+            out.flush()
+            pieces.append(event.text)
+        out.write("\n")
+        completions = ["".join(pieces)]
+    else:
+        results = decoder.generate(prompts, **generation_kwargs(args, tok, max_new, stops))
+        completions = [r.text for r in results]
+        for i, (text, completion) in enumerate(zip(texts, completions)):
+            out.write(("\n" if i else "") + text + completion + "\n")
+    out.flush()
+    report(decoder, compile_s, err)
+    return completions
+
+
+def warm(args, decoder: Decoder, prompts: list[list[int]], max_new: int) -> float:
+    """Compile ahead of the timed run, so the statistics exclude one-time compilation."""
+    if not args.compile:
+        return 0.0
+    rows = [p for p in prompts for _ in range(args.num_beams)]
+    return decoder.warmup(rows, max_new)
+
+
+def beam_texts(args, decoder: Decoder, tok, prompts, max_new: int, stops) -> list[str]:
+    sampling = sampling_params(args)
+    early = {"true": True, "false": False, "never": "never"}[args.early_stopping]
+    beams = decoder.beam_search(prompts, num_beams=args.num_beams, max_new_tokens=max_new,
+                                length_penalty=args.length_penalty, early_stopping=early,
+                                eos_id=tok.eos_id, sampling=sampling,
+                                generator=args.generator)
+    return [cut_at_stop(completion_text(tok, prompt, best[0].tokens), stops)
+            for prompt, best in zip(prompts, beams)]
+
+
+def report(decoder: Decoder, compile_s: float, err: TextIO) -> None:
+    line = decoder.stats.summary()
+    if compile_s:
+        line += f" | compile (warm-up): {compile_s:.1f} s, excluded"
+    print(line, file=err, flush=True)
+
+
+def interactive(args, decoder: Decoder, tok, inp: TextIO, out: TextIO, err: TextIO) -> None:
+    """Chat: each stdin line is a human turn; the history is kept, oldest turns dropped to fit."""
+    history: list[tuple[str, str]] = []
+    stops = list(AQUILA_STOP) + args.stop
+    out.write("###Human: ")
+    out.flush()
+    for line in inp:
+        message = line.rstrip("\n")
+        if not message.strip():
+            out.write("###Human: ")
+            out.flush()
+            continue
+        history.append(("Human", message))
+        while len(history) > 1 and len(encode(tok, aquila_chat_prompt(history))) + args.max_new_tokens \
+                > decoder.config.max_seq_len:
+            history = history[2:]  # drop the oldest exchange
+        prompt = aquila_chat_prompt(history)
+        out.write("###Assistant:")
+        reply = complete_chat(args, decoder, tok, prompt, stops, out, err)
+        history.append(("Assistant", reply.strip()))
+        out.write("###Human: ")
+        out.flush()
+    out.write("\n")
+
+
+def complete_chat(args, decoder, tok, prompt: str, stops, out: TextIO, err: TextIO) -> str:
+    prompts = [encode(tok, prompt)]
+    max_new = fit_max_new(decoder, prompts, args.max_new_tokens, err)
+    compile_s = warm(args, decoder, prompts, max_new) if args.num_beams == 1 else 0.0
+    pieces = []
+    for event in decoder.stream(prompts, **generation_kwargs(args, tok, max_new, stops)):
+        out.write(event.text)
+        out.flush()
+        pieces.append(event.text)
+    out.write("\n")
+    report(decoder, compile_s, err)
+    return "".join(pieces)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.generator = torch.Generator().manual_seed(args.seed)  # one stream for the whole session
+    decoder, tok = build(args)
+    with torch.no_grad():
+        if args.interactive:
+            interactive(args, decoder, tok, sys.stdin, sys.stdout, sys.stderr)
+        elif args.batch_file:
+            with open(args.batch_file) as f:
+                texts = [line.rstrip("\n") for line in f if line.strip()]
+            if not texts:
+                raise SystemExit(f"error: {args.batch_file} holds no prompts")
+            complete(args, decoder, tok, texts, sys.stdout, sys.stderr, args.stop)
+        else:
+            complete(args, decoder, tok, [args.prompt], sys.stdout, sys.stderr, args.stop)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
