@@ -44,6 +44,7 @@ class FinetuneConfig:
     seq_len: int = 256
     seed: int = 0
     precision: str = "fp32"
+    impl: str = "auto"                 # op implementations (ops.*): auto | reference | fused | npu
     log_every: int = 1
     save_every: int = 0                # 0 = only at the end
 
@@ -129,7 +130,7 @@ def finetune(config: ModelConfig, params: dict, examples: Sequence[dict], cfg: F
     optimizer = make_optimizer(cfg)
     state = train.init_train_state(trainable, optimizer, precision=cfg.precision)
     step_fn = train.make_train_step(config, optimizer, micro_batches=cfg.micro_batches,
-                                    precision=cfg.precision, loss_sum_fn=loss_sum_fn)
+                                    precision=cfg.precision, impl=cfg.impl, loss_sum_fn=loss_sum_fn)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
