@@ -158,3 +158,42 @@ def make_train_step(config: ModelConfig, optimizer, layout: Layout, *, micro_bat
 
 def rank_of_data(layout: Layout) -> int:
     return data_rank(layout)
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def plan_model(config_name: str, overrides: dict | None = None, precision: str = "bf16",
+               recompute: str = "none"):
+    """The `parallel.plan` plugin: Aquila's parameters, layout, loss and optimizer."""
+    import contextlib
+    from unittest import mock
+
+    from aquila_fn import optim
+    from aquila_fn.config import get_config
+    from parallel.plan import PlanModel
+
+    config = get_config(config_name, **(overrides or {}))
+    compute_dtype = train.get_precision(precision).compute_dtype
+
+    def init(layout):
+        shapes = model.param_shapes(config, torch.float32)  # fp32 master weights
+        return parallel.materialize(shapes, lambda path, meta: meta, layout)
+
+    def loss(layout):
+        loss_sum = make_loss_sum_fn(layout)
+
+        def fn(params, batch):
+            # Token ids on meta cannot be range-checked (no values): skip that one check.
+            with mock.patch.object(model, "check_tokens", lambda *a, **k: None):
+                total, n = loss_sum(params, batch, config, compute_dtype=compute_dtype, recompute=recompute)
+            return total
+
+        return fn
+
+    def batch(rows, seq_len):
+        ids = torch.zeros((rows, seq_len), dtype=torch.long, device="meta")
+        return {"input_ids": ids, "labels": ids.clone()}
+
+    return PlanModel(name=config_name, make_layout=make_layout, init_params=init, loss=loss, batch=batch,
+                     optimizer=lambda: optim.adamw(1e-4, max_grad_norm=1.0), num_params=config.num_params())

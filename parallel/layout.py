@@ -191,9 +191,7 @@ def place(x: torch.Tensor, layout: Layout, placements: tuple) -> torch.Tensor:
         return x.redistribute(layout.device_mesh, placements)
     from torch.distributed.tensor import distribute_tensor
 
-    if x.device.type == "meta":
-        raise ValueError("cannot shard a meta tensor; materialise it first (see materialize)")
-    if x.device.type != layout.mesh.device:
+    if x.device.type not in (layout.mesh.device, "meta"):  # meta: shapes only (parallel.plan)
         x = x.to(layout.mesh.device)
     return distribute_tensor(x.detach(), layout.device_mesh, placements, src_data_rank=None)
 
@@ -292,7 +290,7 @@ def shard_batch(batch: Any, mesh_or_layout: Mesh | Layout, *, local: bool = True
         if not isinstance(x, torch.Tensor) or is_dtensor(x):
             return x
         placements = layout.placements(("batch",), x.dim(), "act", path)
-        if x.device.type != layout.mesh.device:
+        if x.device.type not in (layout.mesh.device, "meta"):
             x = x.to(layout.mesh.device)
         if local:
             return DTensor.from_local(x, layout.device_mesh, placements, run_check=False)

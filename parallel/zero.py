@@ -122,10 +122,10 @@ def global_grad_norm(grads: Any) -> torch.Tensor:
             entry = groups.setdefault((sq.device_mesh, tuple(sq.placements)), [])
             entry.append(sq.to_local())
         else:
-            plain = plain + sq.cpu()
+            plain = plain.to(sq.device) + sq
     for (mesh, placements), parts in groups.items():
         local = torch.stack(parts).sum()
-        plain = plain + DTensor.from_local(local, mesh, placements, run_check=False).full_tensor().cpu()
+        plain = plain.to(local.device) + DTensor.from_local(local, mesh, placements, run_check=False).full_tensor()
     return plain.sqrt()
 
 

@@ -1,0 +1,73 @@
+"""Worker: what one rank really holds and sends in a training step, to check parallel.plan.
+
+    torchrun --standalone --nproc-per-node 2 tests/dist_measure.py MESH ZERO SP RECOMPUTE BATCH SEQ [OVERRIDES]
+
+Prints `RESULT {...}` (from rank 0) with the bytes of the rank's parameter, gradient and optimizer
+blocks, the bytes autograd saved in one micro-batch's forward (by the saved-tensor hooks; independently by
+walking the autograd graph's saved tensors, real storages; and the profiler's count of what the
+forward allocated and did not free, which also holds the loss and temporaries),
+and the bytes sent by every collective of one full training step.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+import parallel
+from aquila_fn import optim, sharding, train
+from aquila_fn.config import get_config
+from aquila_fn.transforms import value_and_grad
+from parallel.meter import CommMeter, SavedMeter, graph_saved_bytes, tree_local_bytes
+from parallel.plan import _overrides
+
+
+def forward_retained_bytes(fn) -> tuple[int, object]:
+    """Bytes the forward allocated and had not freed when it returned (profiler count)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    total = sum(e.self_cpu_memory_usage for e in prof.events())  # allocations minus frees
+    return total, out
+
+
+def main(spec, zero, sp, recompute, batch_size, seq_len, overrides=""):
+    zero, sp, batch_size, seq_len = int(zero), sp == "1", int(batch_size), int(seq_len)
+    config = get_config("tiny", **_overrides(overrides))
+    mesh = parallel.make_mesh(spec)
+    layout = sharding.make_layout(mesh, zero=zero, sequence_parallel=sp)
+    params = sharding.init_params(config, 0, layout)
+    opt = parallel.distributed_optimizer(optim.adamw(1e-4, max_grad_norm=1.0), layout, max_grad_norm=1.0)
+    state = train.init_train_state(params, opt, precision="fp32")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=g)
+    batch = sharding.local_batch({"input_ids": ids, "labels": ids.roll(-1, 1)}, layout)
+
+    # activations: one forward, measured two ways
+    loss_sum = sharding.make_loss_sum_fn(layout)
+    inputs = parallel.tree.map_with_path(lambda p, x: x.detach().requires_grad_(True), state["params"])
+    diff = parallel.tree.leaves(inputs)
+    with layout.activate():
+        with SavedMeter(exclude=diff) as saved:
+            retained, (total, _) = forward_retained_bytes(
+                lambda: loss_sum(inputs, batch, config, recompute=recompute))
+        graph_bytes = graph_saved_bytes(total, diff)
+        grads = torch.autograd.grad(total, diff)
+    grad_tree = parallel.reduce_gradients(parallel.tree.unflatten(parallel.tree.structure(inputs), list(grads)), layout)
+
+    # communication: one real training step
+    step = sharding.make_train_step(config, opt, layout, precision="fp32", recompute=recompute)
+    with CommMeter() as comm:
+        state, metrics = step(state, batch)
+    out = {"params_bytes": tree_local_bytes(state["params"]), "grads_bytes": tree_local_bytes(grad_tree),
+           "optimizer_bytes": tree_local_bytes(state["opt_state"]), "saved_bytes": saved.bytes,
+           "graph_saved_bytes": graph_bytes, "forward_retained_bytes": retained, "comm": comm.summary(), "comm_sent_bytes": comm.total_sent()}
+    if mesh.rank == 0:
+        print("RESULT " + json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
