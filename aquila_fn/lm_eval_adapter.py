@@ -159,8 +159,8 @@ def lm_class() -> type:
 
 def register(name: str = REGISTERED_NAME) -> type:
     """Register the harness model class under `name` (for `--model aquila_fn`); returns it."""
+    cls = lm_class()  # first, so a missing harness gives the install hint
     from lm_eval.api.registry import register_model
-    cls = lm_class()
     try:
         register_model(name)(cls)
     except (ValueError, AssertionError):
