@@ -364,7 +364,7 @@ def load_model_and_tokenizer(model_path, tokenizer_path=None, *, adapters_path=N
     except ImportError:
         load_model = None
     if load_model is not None:
-        config, params, tokenizer = load_model(path, dtype=dtype)
+        config, params, tokenizer = load_model(path, dtype=dtype, device=device)
     else:
         config, params, tokenizer = _fallback_load(path, dtype, device)
     if isinstance(tokenizer_path, (str, Path)):

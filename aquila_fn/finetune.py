@@ -120,11 +120,12 @@ def trainable_and_loss(params: dict, cfg: FinetuneConfig) -> tuple[Any, Callable
 
 
 def finetune(config: ModelConfig, params: dict, examples: Sequence[dict], cfg: FinetuneConfig, *,
-             pad_id: int = 0, out_dir: str | os.PathLike | None = None,
+             pad_id: int = 0, out_dir: str | os.PathLike | None = None, metadata: dict | None = None,
              on_step: Callable[[dict], None] | None = None, progress: bool = False) -> dict:
     """Run cfg.steps optimizer steps. Returns {"trainable": final adapters or params, "metrics":
     [per-step dicts], "checkpoint": last saved path or None}. With out_dir, writes
-    metrics.jsonl and checkpoints (adapters alone for LoRA; params for full SFT). Full SFT
+    metrics.jsonl and checkpoints (adapters alone for LoRA; params for full SFT), with
+    `metadata` (e.g. {"tokenizer": path}) added to the checkpoints' own. Full SFT
     updates `params` in place (the train state owns them); LoRA never writes them."""
     trainable, loss_sum_fn = trainable_and_loss(params, cfg)
     optimizer = make_optimizer(cfg)
@@ -152,15 +153,16 @@ def finetune(config: ModelConfig, params: dict, examples: Sequence[dict], cfg: F
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         bar.update(1)
         if out is not None and ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps):
-            saved = save_trainable(out, state["params"], config, cfg, step)
+            saved = save_trainable(out, state["params"], config, cfg, step, metadata)
     bar.close()
     return {"trainable": state["params"], "metrics": history, "checkpoint": saved}
 
 
-def save_trainable(out: Path, trainable: Any, config: ModelConfig, cfg: FinetuneConfig, step: int) -> str:
+def save_trainable(out: Path, trainable: Any, config: ModelConfig, cfg: FinetuneConfig, step: int,
+                   metadata: dict | None = None) -> str:
     """Adapters alone (`out/adapters/step_N`) for LoRA; params (`out/checkpoints/step_N`,
-    config in the metadata) for full SFT."""
-    meta = {"config": config.to_dict(), "finetune": asdict(cfg)}
+    config in the metadata, as generate.load_model reads it) for full SFT."""
+    meta = {**(metadata or {}), "config": config.to_dict(), "finetune": asdict(cfg)}
     if cfg.is_lora:
         return lora.save_adapters(out / "adapters", trainable, alpha=cfg.lora_alpha,
                                   targets=cfg.lora_targets, step=step, metadata=meta)

@@ -64,7 +64,9 @@ def main(argv=None) -> int:
                          micro_batches=args.micro_batches, seq_len=seq_len, seed=args.seed,
                          precision=args.precision, save_every=args.save_every)
     pad_id = next(i for i in (tokenizer.pad_id, tokenizer.eos_id, 0) if i is not None)
-    result = finetune(config, params, examples, cfg, pad_id=pad_id, out_dir=args.out,
+    meta = {"tokenizer": str(Path(tokenizer.path).resolve()), "base_model": str(Path(args.model).resolve()),
+            "data": str(args.data)}  # so generate.load_model finds the tokenizer of a full-SFT checkpoint
+    result = finetune(config, params, examples, cfg, pad_id=pad_id, out_dir=args.out, metadata=meta,
                       progress=not args.no_progress)
     summary = {"mode": "lora" if cfg.is_lora else "full", "steps": cfg.steps, "examples": len(examples),
                "loss_first": result["metrics"][0]["loss"], "loss_last": result["metrics"][-1]["loss"],
@@ -73,7 +75,7 @@ def main(argv=None) -> int:
         from aquila_fn.checkpoint import save_checkpoint
         merged = lora_merge(params, result["trainable"], cfg.lora_alpha)
         summary["merged"] = save_checkpoint(Path(args.out) / "merged", {"params": merged}, step=cfg.steps,
-                                            metadata={"config": config.to_dict()})
+                                            metadata={**meta, "config": config.to_dict()})
     print(json.dumps(summary))
     return 0
 

@@ -123,7 +123,7 @@ def test_finetune_cli_full_writes_a_loadable_checkpoint(assets, tmp_path, capsys
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["mode"] == "full" and Path(summary["checkpoint"]).name == "step_00000002"
-    config, params, tokenizer = load_model_and_tokenizer(summary["checkpoint"], assets / "tok512.model")
+    config, params, tokenizer = load_model_and_tokenizer(summary["checkpoint"])  # tokenizer from metadata
     assert config.dim == 64 and tokenizer.vocab_size == 512
     assert load_script("finetune").main(["--model", str(assets / "stories260K.bin"), "--data",
                                          str(tmp_path / "missing.json"), "--out", str(out)]) == 2
