@@ -134,7 +134,7 @@ def _extend(params: Params, config: ModelConfig, cache: list, rows: torch.Tensor
     tokens = torch.zeros((len(inputs), c), dtype=torch.long, device=device)
     for i, x in enumerate(inputs):
         tokens[i, :len(x)] = torch.tensor(x, dtype=torch.long, device=device)
-    sub = [{"k": kv["k"][rows].clone(), "v": kv["v"][rows].clone()} for kv in cache]
+    sub = [{"k": kv["k"][rows], "v": kv["v"][rows]} for kv in cache]  # a copy: rows may repeat
     positions = ctx_lens[:, None] + torch.arange(c, device=device)[None, :]
     positions = positions.clamp(max=config.max_seq_len - 1)  # only padding can pass the end
     slots = torch.arange(cache[0]["k"].shape[1], device=device)
@@ -168,8 +168,8 @@ def score_continuations(params: Params, config: ModelConfig,
         chunk = contexts[start:start + batch_size]
         members = [(row, i) for row, ctx in enumerate(chunk) for i in groups[ctx]]
         longest = max(len(fitted[i][1]) for _, i in members)
-        width = len(chunk[0])
-        last, cache, pads, width = _prefill(params, config, chunk, width + longest - 1, compute_dtype)
+        cache_len = len(chunk[0]) + longest - 1  # chunk[0] is the longest context
+        last, cache, pads, width = _prefill(params, config, chunk, cache_len, compute_dtype)
         rows = torch.tensor([row for row, _ in members], device=last.device)
         first = torch.tensor([fitted[i][1][0] for _, i in members], device=last.device)
         lp, gr = token_logprobs(last[rows], weight, first)
