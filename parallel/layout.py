@@ -60,7 +60,7 @@ class Layout:
     def __post_init__(self):
         if self.zero not in (0, 1, 2, 3):
             raise ValueError(f"zero stage must be 0, 1, 2 or 3, got {self.zero}")
-        if self.sequence_parallel and not self.mesh.has("tp") and not self.mesh.trivial:
+        if self.sequence_parallel and self.mesh.axes and not self.mesh.has("tp"):
             raise ValueError("sequence parallelism splits the tensor-parallel group's work: "
                              "it needs a tp axis in the mesh")
         rules_mod.check_rules(self.rules)
@@ -229,6 +229,25 @@ def materialize(shapes: Any, init_leaf: Callable[[str, torch.Tensor], torch.Tens
         return place(full, layout, layout.leaf_placements(path, full.dim(), kind))
 
     return map_with_path(one, shapes)
+
+
+def shard_like(tree: Any, template: Any) -> Any:
+    """`tree` (full tensors, e.g. loaded from a checkpoint written under any mesh) placed as the
+    matching leaves of `template` are: DTensor leaves take the template's mesh and placements,
+    plain leaves stay as they are. This is resharding on resume."""
+    from torch.distributed.tensor import distribute_tensor
+
+    def one(path, x, like):
+        if not (is_dtensor(like) and isinstance(x, torch.Tensor)):
+            return x
+        if is_dtensor(x):
+            return x.redistribute(like.device_mesh, like.placements)
+        if tuple(x.shape) != tuple(like.shape):
+            raise ValueError(f"leaf {path!r}: shape {tuple(x.shape)} does not match {tuple(like.shape)}")
+        x = x.to(device=like.to_local().device, dtype=like.dtype)
+        return distribute_tensor(x, like.device_mesh, like.placements, src_data_rank=None)
+
+    return map_with_path(one, tree, template)
 
 
 def gather(tree: Any) -> Any:

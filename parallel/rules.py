@@ -47,6 +47,8 @@ def normalize_spec(spec: Any, where: str = "spec") -> Spec:
         return ()
     if isinstance(spec, str):
         spec = (spec,)
+    if not isinstance(spec, (tuple, list)):
+        raise RuleError(f"{where}: spec {spec!r} must be a tuple with one entry per tensor dim")
     out = []
     for entry in spec:
         if entry is None:

@@ -18,23 +18,26 @@ import torch
 import parallel
 from aquila_fn import model, optim, sharding, train
 from aquila_fn.config import get_config
+from aquila_fn.transforms import value_and_grad
 
 CONFIG = get_config("tiny").replace(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
                                     vocab_size=64, max_seq_len=64, tie_embeddings=False)
 SEED, STEPS, BATCH, SEQ = 0, 3, 4, 16
 
 
-def batches(config=CONFIG):
+def batches(config=CONFIG, start=0, steps=None):
+    """The global batches of steps start, start+1, ... (the same on every rank)."""
     g = torch.Generator().manual_seed(1234)
-    for _ in range(STEPS):
+    for i in range(start + (STEPS if steps is None else steps)):
         x = torch.randint(0, config.vocab_size, (BATCH, SEQ + 1), generator=g)
         labels = x[:, 1:].clone()
         labels[0, :5] = -100  # uneven token counts across data ranks
-        yield {"input_ids": x[:, :-1].contiguous(), "labels": labels}
+        if i >= start:
+            yield {"input_ids": x[:, :-1].contiguous(), "labels": labels}
 
 
 def make_optimizer():
-    return optim.adamw(optim.warmup_cosine(1e-2, 1, STEPS), weight_decay=0.1, max_grad_norm=1.0)
+    return optim.adamw(optim.warmup_cosine(1e-2, 1, 100), weight_decay=0.1, max_grad_norm=1.0)
 
 
 def run(layout, *, micro=1, offload=False, config=CONFIG):
@@ -51,6 +54,27 @@ def run(layout, *, micro=1, offload=False, config=CONFIG):
     return losses, parallel.gather(state["params"]), state
 
 
+def first_grads(layout, config=CONFIG):
+    """Reduced gradients of the first batch's mean loss (full tensors), for a direct check."""
+    params = sharding.init_params(config, SEED, layout)
+    batch = next(batches(config))
+    n = float(train.count_tokens(batch))
+    loss_sum = sharding.make_loss_sum_fn(layout)
+    vg = value_and_grad(lambda p, b: loss_sum(p, b, config)[0] / n)
+    with layout.activate():
+        _, grads = vg(params, sharding.local_batch(batch, layout))
+        grads = parallel.reduce_gradients(grads, layout)
+    return parallel.gather(grads)
+
+
+def describe(state) -> dict:
+    """Placements of one matrix's parameter, optimizer moment, to show what is sharded."""
+    wq = state["params"]["layers"][0]["attn"]["wq"]
+    mu = state["opt_state"][1]["mu"]["layers"][0]["attn"]["wq"]
+    show = lambda x: str(tuple(x.placements)) if hasattr(x, "placements") else "full"
+    return {"param": show(wq), "moment": show(mu)}
+
+
 def parse(text):
     parts = text.split(";")
     opts = dict(p.split("=", 1) if "=" in p else (p, "1") for p in parts[1:])
@@ -60,17 +84,23 @@ def parse(text):
 def main(argv):
     trivial = parallel.Layout(parallel.mesh.trivial_mesh(), sharding.RULES)
     ref_losses, ref_params, _ = run(trivial)
+    ref_grads = first_grads(trivial)
     for text in argv:
         spec, zero, sp, offload, micro = parse(text)
         mesh = parallel.make_mesh(spec)
         layout = sharding.make_layout(mesh, zero=zero, sequence_parallel=sp)
         t0 = time.time()
-        losses, params, _ = run(layout, micro=micro, offload=offload)
+        losses, params, state = run(layout, micro=micro, offload=offload)
         diff = max((a - b).abs().max().item() for a, b in
                    zip(parallel.tree.leaves(ref_params), parallel.tree.leaves(params)))
+        grads = first_grads(layout)
+        grad_diff = max(((a - b).abs().max() / a.abs().max().clamp(min=1e-12)).item() for a, b in
+                        zip(parallel.tree.leaves(ref_grads), parallel.tree.leaves(grads)))
         if mesh.rank == 0:
             print("RESULT " + json.dumps({"layout": text, "losses": losses, "ref": ref_losses,
-                                          "param_diff": diff, "seconds": time.time() - t0}), flush=True)
+                                          "param_diff": diff, "grad_rel_diff": grad_diff,
+                                          "placements": describe(state),
+                                          "seconds": time.time() - t0}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,179 @@
+"""parallel/: meshes, rule tables, the single-process identity, and (multi-process, gloo on CPU)
+every layout's losses and gradients against one process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributed.tensor import Replicate, Shard
+
+import parallel
+from aquila_fn import model, optim, sharding
+from aquila_fn.config import get_config
+from dist_launch import results, torchrun
+from parallel.layout import Layout
+from parallel.mesh import Mesh, MeshError, parse_mesh
+from parallel.rules import RuleError, match
+
+R, S0, S1 = Replicate(), Shard(0), Shard(1)
+
+
+def fake_layout(axes: dict, **kw) -> Layout:
+    """A layout over named axes without processes: enough to resolve placements."""
+    return Layout(Mesh(axes, None, "cpu"), sharding.RULES, **kw)
+
+
+# ----------------------------------------------------------------------------- meshes
+
+
+def test_mesh_axes_are_canonically_ordered_and_size_one_axes_dropped():
+    assert list(parse_mesh("tp=2,dp=2", 4)) == ["dp", "tp"]
+    assert parse_mesh("pp=2,tp=1,fsdp=2", 4) == {"pp": 2, "fsdp": 2}
+    assert parse_mesh("dp=-1,tp=2", 8) == {"dp": 4, "tp": 2}
+    assert parse_mesh(None, 4) == {"dp": 4}
+    assert parse_mesh(None, 1) == {}
+
+
+@pytest.mark.parametrize("spec, world, words", [
+    ("dp=2,tp=2", 2, "4 devices but there are 2 processes"),
+    ("xp=2", 2, "unknown mesh axis 'xp'"),
+    ("dp2", 2, "axis=size"),
+    ("dp=two", 2, "not an integer"),
+    ("dp=-1,tp=-1", 4, "at most one axis"),
+    ("dp=-1,tp=3", 4, "not divisible by 3"),
+])
+def test_mesh_errors_say_what_is_wrong(spec, world, words):
+    with pytest.raises(MeshError, match=words):
+        parse_mesh(spec, world)
+
+
+def test_one_process_is_the_trivial_mesh_and_every_transform_the_identity():
+    mesh = parallel.make_mesh()
+    assert mesh.trivial and mesh.world_size == 1 and str(mesh) == "single"
+    with pytest.raises(MeshError):
+        parallel.make_mesh("tp=2")  # asks for 2 processes, there is 1
+    layout = sharding.make_layout(mesh, zero=3)
+    config = get_config("tiny").replace(n_layers=1, dim=32, n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_size=64)
+    params = model.init_params(config, 0)
+    assert parallel.shard(params, layout) is params
+    assert parallel.gather(params)["embed"] is params["embed"]
+    assert parallel.compute_view(params, layout, stream="layers") is params
+    x = torch.randn(2, 3, 4)
+    assert parallel.constrain(x, ("batch", "seq", None)) is x
+    with layout.activate():
+        assert parallel.constrain(x, ("batch", "seq", None)) is x
+    batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long)}
+    assert parallel.shard_batch(batch, layout) is batch
+    opt = optim.adamw(1e-3)
+    assert parallel.distributed_optimizer(opt, layout) is opt
+    # sharded initialisation is plain initialisation here
+    init = sharding.init_params(config, 0, layout)
+    assert all(torch.equal(a, b) for a, b in zip(parallel.tree.leaves(init), parallel.tree.leaves(params)))
+
+
+# ----------------------------------------------------------------------------- rule tables
+
+
+def test_first_matching_rule_wins():
+    rules = [(r"attn\.wq$", ("tp",)), (r"attn", (None, "tp")), (r".*", ())]
+    assert match(rules, "layers.0.attn.wq") == (("tp",),)
+    assert match(rules, "layers.0.attn.wk") == (None, ("tp",))
+    assert match(rules, "norm") == ()
+
+
+def test_an_unmatched_leaf_is_an_error_naming_its_path():
+    layout = Layout(Mesh({"tp": 2}, None, "cpu"), [(r"attn", ("tp",))])
+    params = model.param_shapes(get_config("tiny"))
+    with pytest.raises(RuleError, match="'embed'"):
+        layout.tree_placements(params)
+
+
+@pytest.mark.parametrize("rules, words", [
+    ([(r"(", ("tp",))], "bad regex"),
+    ([(r".*", ("tp", "dp", None))], "has 2 dims"),
+    ([(r".*", ("tpp",))], "unknown axis name 'tpp'"),
+    ([(r".*", ("tp", "tp"))], "splits both dim 0 and dim 1"),
+    ([(r".*", 3)], "must be a tuple"),
+    ([(r".*",)], "must be \\(regex, spec\\)"),
+])
+def test_malformed_rules_are_errors(rules, words):
+    with pytest.raises(RuleError, match=words):
+        layout = Layout(Mesh({"dp": 2, "tp": 2}, None, "cpu"), rules)
+        layout.leaf_placements("layers.0.attn.wq", 2)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": False}, {"merged": True}])
+def test_aquila_rules_cover_every_leaf(overrides):
+    merged = overrides.pop("merged", False)
+    params = model.param_shapes(get_config("tiny", **overrides))
+    if merged:
+        params = model.merge_projections(params)
+    layout = fake_layout({"dp": 2, "tp": 2})
+    for path, leaf in parallel.tree.named_leaves(params):
+        assert len(layout.leaf_placements(path, leaf.dim())) == 2, path
+
+
+def test_megatron_splits_and_zero_stages_resolve_to_placements():
+    tp = fake_layout({"dp": 2, "tp": 2})
+    assert tp.leaf_placements("layers.0.attn.wq", 2) == (R, S0)         # column
+    assert tp.leaf_placements("layers.0.mlp.w_up", 2) == (R, S0)
+    assert tp.leaf_placements("layers.0.attn.wo", 2) == (R, S1)         # row
+    assert tp.leaf_placements("layers.0.mlp.w_down", 2) == (R, S1)
+    assert tp.leaf_placements("embed", 2) == (R, S0)                    # vocabulary
+    assert tp.leaf_placements("lm_head", 2) == (R, S0)
+    assert tp.leaf_placements("layers.0.attn_norm", 1) == (R, R)
+    for zero, want in [(0, (R, R, R)), (1, (R, S1, S1)), (2, (R, S1, S1)), (3, (S1, S1, S1))]:
+        layout = fake_layout({"dp": 2, "tp": 2}, zero=zero)
+        got = tuple(layout.leaf_placements("layers.0.attn.wq", 2, kind)[0] for kind in ("params", "grads", "opt"))
+        assert got == (want[0] if zero >= 3 else R, want[1] if zero >= 2 else R, want[2] if zero >= 1 else R)
+    fsdp = fake_layout({"fsdp": 2, "tp": 2})  # an fsdp axis is stage 3 over that axis
+    assert fsdp.leaf_placements("layers.0.attn.wq", 2) == (S1, S0)
+    assert fsdp.leaf_placements("layers.0.attn.wq", 2, "compute") == (R, S0)
+    sp = fake_layout({"dp": 2, "tp": 2}, sequence_parallel=True)
+    assert sp.placements(model.RESIDUAL, 3, "act") == (S0, S1)
+    assert sp.placements(model.FULL_SEQ, 3, "act") == (S0, R)
+
+
+def test_sequence_parallel_needs_a_tp_axis():
+    with pytest.raises(ValueError, match="tp axis"):
+        fake_layout({"dp": 2}, sequence_parallel=True)
+
+
+# ----------------------------------------------------------------------------- multi-process equality
+
+# "<mesh>[;zero=N][;sp][;offload][;micro=M]" -> expected placements of layers.0.attn.wq's
+# parameter and Adam moment (what each layout shards).
+LAYOUTS_2 = {
+    "dp=2": ("(Replicate(),)", "(Replicate(),)"),
+    "dp=2;zero=1": ("(Replicate(),)", "(Shard(dim=1),)"),
+    "dp=2;zero=2": ("(Replicate(),)", "(Shard(dim=1),)"),
+    "dp=2;zero=3": ("(Shard(dim=1),)", "(Shard(dim=1),)"),
+    "fsdp=2": ("(Shard(dim=1),)", "(Shard(dim=1),)"),
+    "tp=2": ("(Shard(dim=0),)", "(Shard(dim=0),)"),
+    "tp=2;sp": ("(Shard(dim=0),)", "(Shard(dim=0),)"),
+    "dp=2;zero=1;offload": ("(Replicate(),)", "(Shard(dim=1),)"),
+    "dp=2;micro=2": ("(Replicate(),)", "(Replicate(),)"),
+}
+LAYOUTS_4 = {
+    "dp=2,tp=2": ("(Replicate(), Shard(dim=0))", "(Replicate(), Shard(dim=0))"),
+    "dp=2,tp=2;sp;zero=1": ("(Replicate(), Shard(dim=0))", "(Shard(dim=1), Shard(dim=0))"),
+    "fsdp=2,tp=2": ("(Shard(dim=1), Shard(dim=0))", "(Shard(dim=1), Shard(dim=0))"),
+    "dp=2,fsdp=2;zero=2": ("(Replicate(), Shard(dim=1))", "(Shard(dim=1), Shard(dim=1))"),
+}
+
+
+def check_layouts(records: list[dict], expected: dict) -> None:
+    assert [r["layout"] for r in records] == list(expected)
+    for r in records:
+        for got, want in zip(r["losses"], r["ref"]):
+            assert abs(got - want) <= 1e-4 * abs(want), (r["layout"], r["losses"], r["ref"])
+        assert r["grad_rel_diff"] < 1e-5, r
+        assert (r["placements"]["param"], r["placements"]["moment"]) == expected[r["layout"]], r
+
+
+def test_every_two_process_layout_matches_one_process():
+    check_layouts(results(torchrun("dist_layouts.py", 2, *LAYOUTS_2)), LAYOUTS_2)
+
+
+def test_combined_four_process_layouts_match_one_process():
+    check_layouts(results(torchrun("dist_layouts.py", 4, *LAYOUTS_4)), LAYOUTS_4)
