@@ -58,6 +58,9 @@ def default_cache_dir() -> str:
     return os.path.join(base, "aquila_fn", "data")
 
 
+SAMPLE_PROMPTS = ["ROMEO:", "First Citizen:\n", "The king"]
+
+
 class PretrainError(ValueError):
     """Bad arguments or inputs for a pretraining run; the message says what to change."""
 
@@ -265,6 +268,7 @@ def checkpoint_dir(run: Run) -> Path:
 
 def save(run: Run, state: dict, position: int) -> str:
     meta = {"config": run.config.to_dict(), "data_position": position, "precision": run.precision,
+            "tokenizer": os.path.abspath(run.args.tokenizer) if run.args.tokenizer else None,
             "args": {k: v for k, v in vars(run.args).items() if isinstance(v, (str, int, float, bool, dict, type(None)))}}
     return checkpoint.save_checkpoint(checkpoint_dir(run), state, step=int(state["step"]), metadata=meta,
                                       keep=run.args.keep)
@@ -374,45 +378,21 @@ def validation_loss(run: Run, eval_loss, params) -> float | None:
     return eval_loss(params, batches) if batches else None
 
 
-@torch.no_grad()
-def sample_tokens(params, config: ModelConfig, prompt: list[int], max_new_tokens: int, *,
-                  temperature: float, generator: torch.Generator, eos_id: int | None = None,
-                  compute_dtype: torch.dtype | None = None) -> list[int]:
-    """A minimal sampler over the static KV cache (the inference engine lives in
-    aquila_fn.generate): prefill the prompt, then one token at a time."""
-    from aquila_fn.sampling import SamplingParams, sample
-    strategy = SamplingParams(temperature=temperature)
-    total = min(len(prompt) + max_new_tokens, config.max_seq_len)
-    cache = model.init_cache(config, 1, total, dtype=compute_dtype or torch.float32)
-    logits, cache = model.forward(params, torch.tensor([prompt]), config, cache=cache,
-                                  compute_dtype=compute_dtype)
-    out, pos = [], len(prompt)
-    while pos < total:
-        token = int(sample(logits[:, -1], strategy, generator=generator)[0])
-        out.append(token)
-        if token == eos_id:
-            break
-        logits, cache = model.forward(params, torch.tensor([[token]]), config, cache=cache,
-                                      start_pos=pos, compute_dtype=compute_dtype)
-        pos += 1
-    return out
-
-
 def generate_samples(run: Run, params, generator: torch.Generator) -> list[str]:
+    """A few sampled continuations, through the inference engine's static-KV-cache decoder."""
+    from aquila_fn.generate import generate
+    from aquila_fn.sampling import SamplingParams
+
     tok = run.tokenizer
     if tok is None or run.args.samples < 1:
         return []
-    prompts = ["ROMEO:", "First Citizen:\n", "The king"][:run.args.samples]
-    prompts += [""] * (run.args.samples - len(prompts))
-    dtype = train.get_precision(run.precision).compute_dtype
-    texts = []
-    for prompt in prompts:
-        ids = tok.encode(prompt, bos=tok.bos_id is not None) or [0]
-        new = sample_tokens(params, run.config, ids, run.args.sample_tokens,
-                            temperature=run.args.temperature, generator=generator,
-                            eos_id=tok.eos_id, compute_dtype=dtype)
-        texts.append(prompt + tok.decode(new))
-    return texts
+    prompts = (SAMPLE_PROMPTS * run.args.samples)[:run.args.samples]
+    ids = [tok.encode(p, bos=tok.bos_id is not None) for p in prompts]
+    completions = generate(params, run.config, ids, compute_dtype=train.get_precision(run.precision).compute_dtype,
+                           max_new_tokens=run.args.sample_tokens, generator=generator,
+                           sampling=SamplingParams(temperature=run.args.temperature),
+                           eos_id=tok.eos_id, tokenizer=tok)
+    return [p + c.text for p, c in zip(prompts, completions)]
 
 
 # ----------------------------------------------------------------------------- the loop
