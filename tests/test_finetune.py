@@ -13,7 +13,7 @@ from aquila_fn.config import get_config
 from aquila_fn.evaluate import load_model_and_tokenizer
 from aquila_fn.finetune import (FinetuneConfig, batches, finetune, load_instruction_examples,
                                 load_instruction_records)
-from aquila_fn.lora import load_adapters, lora_merge
+from aquila_fn.lora import load_adapters
 from aquila_fn.model import init_params
 from aquila_fn.tokenizer import load_tokenizer
 
