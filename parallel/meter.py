@@ -50,6 +50,16 @@ _KINDS = {
 }
 
 
+def _route(types) -> str:
+    """"count" plain-tensor ops; "defer" to tensor subclasses (DTensor, async collective
+    results) so the plain ops and collectives they run inside, implicit redistributions
+    included, come back through the meter (a mode that ran a DTensor op itself would see none
+    of them); "skip" the fake tensors DTensor's sharding propagation computes shapes with."""
+    if any(t.__name__ == "FakeTensor" for t in types):
+        return "skip"
+    return "defer" if any(t not in (torch.Tensor, torch.nn.Parameter) for t in types) else "count"
+
+
 def _tensors(x) -> list[torch.Tensor]:
     if isinstance(x, torch.Tensor):
         return [x]
@@ -109,8 +119,11 @@ class CommMeter(TorchDispatchMode):
         self.enabled = True
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        route = _route(types)
+        if route == "defer":
+            return NotImplemented
         kwargs = kwargs or {}
-        if self.enabled and func.namespace in ("_c10d_functional", "c10d"):
+        if route == "count" and self.enabled and func.namespace in ("_c10d_functional", "c10d"):
             name = func._schema.name.split("::")[-1]
             kind = _KINDS.get(name)
             if kind is not None:
@@ -205,3 +218,63 @@ def graph_saved_bytes(output: torch.Tensor, exclude: list = ()) -> int:
                     seen[key] = nbytes
         stack.extend(n for n, _ in node.next_functions)
     return sum(seen.values())
+
+
+def _storage_id(t: torch.Tensor):
+    try:
+        return t.untyped_storage()._cdata
+    except Exception:  # noqa: BLE001 - tensors without storage (sparse, ...)
+        return None
+
+
+class LiveMeter(TorchDispatchMode):
+    """Bytes of the storages created while active that are still alive, and their peak: the
+    memory a forward leaves for backward (saved activations, inputs kept for recomputation,
+    gathered parameters) and what backward adds on top. Counts by storage identity through
+    weak references, so it works on meta tensors, where nothing is allocated."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._refs: dict[int, list] = {}  # storage id -> [nbytes, live tensor count]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        route = _route(types)
+        if route == "defer":
+            return NotImplemented
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if route == "skip":
+            return out
+        # a view or an in-place result shares an input's storage: not a new allocation
+        inputs = {_storage_id(t) for t in _tensors(list(args) + list(kwargs.values()))}
+        for t in _tensors(out):
+            self._track(t, inputs)
+        return out
+
+    def _track(self, t: torch.Tensor, inputs: set) -> None:
+        import weakref
+
+        key = _storage_id(t)
+        if key is None:
+            return
+        entry = self._refs.get(key)
+        if entry is None:
+            if key in inputs:
+                return  # a view of memory that existed before the meter started
+            st = t.untyped_storage()
+            entry = self._refs[key] = [st.nbytes(), 0]
+            self.live += entry[0]
+            self.peak = max(self.peak, self.live)
+        entry[1] += 1
+        weakref.finalize(t, self._release, key, entry)
+
+    def _release(self, key: int, entry: list) -> None:
+        entry[1] -= 1
+        if entry[1] == 0 and self._refs.get(key) is entry:
+            del self._refs[key]
+            self.live -= entry[0]
+
+    def reset_peak(self) -> None:
+        self.peak = self.live

@@ -6,9 +6,9 @@
 The plan is not a formula: it runs rank 0's real code path (each pipeline stage's first rank
 under pp) on meta tensors inside a fake process group of the full world size, and observes it:
 parameter, gradient and optimizer-state blocks are the DTensors the run would hold; activation
-memory is what the autograd graph holds for backward at the end of one micro-batch's forward
-(`meter.graph_saved_bytes`: saved tensors, and the inputs recomputation keeps) times
-the micro-batches the pipeline schedule keeps in flight; communication is every collective the
+memory is what one micro-batch's forward leaves allocated for its backward (`meter.LiveMeter`:
+saved tensors, inputs kept for recomputation, gathered weights) times the micro-batches the
+pipeline schedule keeps in flight; communication is every collective the
 forward, backward, gradient reduction and optimizer step issue (`meter.CommMeter`).
 
 The model comes from a plugin module (`--model`, default `aquila_fn.sharding`) exposing
@@ -31,7 +31,7 @@ import torch
 from parallel.grads import GradReducer
 from parallel.layout import Layout, is_dtensor
 from parallel.mesh import Mesh, parse_mesh
-from parallel.meter import CommMeter, graph_saved_bytes, tree_local_bytes
+from parallel.meter import CommMeter, LiveMeter, tree_local_bytes
 from parallel.tree import leaves, map_with_path
 from parallel.zero import distributed_optimizer
 
@@ -96,7 +96,7 @@ def plan_stage(model: PlanModel, mesh: Mesh, *, zero: int, sequence_parallel: bo
     param_bytes = sum(tree_local_bytes(p) for p in parts)
 
     comm_micro, comm_once = CommMeter(), CommMeter()
-    saved_total, grad_bytes, opt_bytes = 0, 0, 0
+    saved_total, peak_total, grad_bytes, opt_bytes = 0, 0, 0, 0
     for c, params in zip(chunks, parts):
         loss = (model.stage_loss(layout, c, n_stages * virtual) if n_stages > 1 else model.loss(layout))
         leaves_ = [x for x in leaves(params) if isinstance(x, torch.Tensor)]
@@ -105,10 +105,11 @@ def plan_stage(model: PlanModel, mesh: Mesh, *, zero: int, sequence_parallel: bo
         diff = [x for x in leaves(inputs) if isinstance(x, torch.Tensor) and x.requires_grad]
         batch = model.batch(rows, seq_len)
         with layout.activate():
-            with comm_micro:
+            with comm_micro, LiveMeter() as live:
                 value = loss(inputs, batch)
-                saved_total += graph_saved_bytes(value, diff + leaves_)
+                saved_total += live.live  # what the forward left alive for backward
                 grads = torch.autograd.grad(value, diff, allow_unused=True)
+            peak_total = max(peak_total, live.peak)
             grads = [torch.zeros_like(x) if g is None else g for x, g in zip(diff, grads)]
             grad_tree = _like(inputs, diff, grads)
             with comm_once:
@@ -128,6 +129,7 @@ def plan_stage(model: PlanModel, mesh: Mesh, *, zero: int, sequence_parallel: bo
         "optimizer_bytes": 0 if offload else opt_bytes, "host_optimizer_bytes": opt_bytes if offload else 0,
         "activation_bytes_per_micro_batch": saved_total, "micro_batches_in_flight": in_flight,
         "activation_bytes": activation_bytes,
+        "micro_batch_peak_bytes": peak_total,
         "total_bytes": param_bytes + grad_bytes + (0 if offload else opt_bytes) + activation_bytes,
         "comm": comm, "comm_sent_bytes": sum(v["sent_bytes"] for v in comm.values()),
     }

@@ -1,6 +1,9 @@
 """Worker: what one rank really holds and sends in a training step, to check parallel.plan.
 
-    torchrun --standalone --nproc-per-node 2 tests/dist_measure.py MESH ZERO SP RECOMPUTE BATCH SEQ [OVERRIDES]
+    torchrun --standalone --nproc-per-node 2 tests/dist_measure.py BATCH SEQ CASE...
+    python tests/dist_measure.py --plan BATCH SEQ CASE...      (the planner's figures, no torchrun)
+
+A CASE is "MESH/ZERO/SP/RECOMPUTE", e.g. "tp=2/0/1/none", on the `tiny` config.
 
 Prints `RESULT {...}` (from rank 0) with the bytes of the rank's parameter, gradient and optimizer
 blocks, the bytes autograd saved in one micro-batch's forward (by the saved-tensor hooks; independently by
@@ -34,9 +37,9 @@ def forward_retained_bytes(fn) -> tuple[int, object]:
     return total, out
 
 
-def main(spec, zero, sp, recompute, batch_size, seq_len, overrides=""):
-    zero, sp, batch_size, seq_len = int(zero), sp == "1", int(batch_size), int(seq_len)
-    config = get_config("tiny", **_overrides(overrides))
+def measure(spec, zero, sp, recompute, batch_size, seq_len):
+    zero, sp = int(zero), sp == "1"
+    config = get_config("tiny")
     mesh = parallel.make_mesh(spec)
     layout = sharding.make_layout(mesh, zero=zero, sequence_parallel=sp)
     params = sharding.init_params(config, 0, layout)
@@ -55,6 +58,7 @@ def main(spec, zero, sp, recompute, batch_size, seq_len, overrides=""):
             retained, (total, _) = forward_retained_bytes(
                 lambda: loss_sum(inputs, batch, config, recompute=recompute))
         graph_bytes = graph_saved_bytes(total, diff)
+        loss_bytes = total.numel() * total.element_size()  # the forward's result, not held for backward
         grads = torch.autograd.grad(total, diff)
     grad_tree = parallel.reduce_gradients(parallel.tree.unflatten(parallel.tree.structure(inputs), list(grads)), layout)
 
@@ -64,10 +68,26 @@ def main(spec, zero, sp, recompute, batch_size, seq_len, overrides=""):
         state, metrics = step(state, batch)
     out = {"params_bytes": tree_local_bytes(state["params"]), "grads_bytes": tree_local_bytes(grad_tree),
            "optimizer_bytes": tree_local_bytes(state["opt_state"]), "saved_bytes": saved.bytes,
-           "graph_saved_bytes": graph_bytes, "forward_retained_bytes": retained, "comm": comm.summary(), "comm_sent_bytes": comm.total_sent()}
+           "graph_saved_bytes": graph_bytes, "forward_retained_bytes": retained - loss_bytes, "comm": comm.summary(), "comm_sent_bytes": comm.total_sent()}
     if mesh.rank == 0:
         print("RESULT " + json.dumps(out), flush=True)
 
 
+def plan_case(spec, zero, sp, recompute, batch_size, seq_len):
+    from parallel.plan import plan
+    from aquila_fn.sharding import plan_model
+
+    model = plan_model("tiny", {}, "fp32", recompute)
+    result = plan(model, spec, zero=int(zero), sequence_parallel=sp == "1", batch_size=batch_size,
+                  seq_len=seq_len)
+    print("RESULT " + json.dumps(result["stages"][0]), flush=True)
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    args = sys.argv[1:]
+    fn = measure
+    if args[0] == "--plan":
+        fn, args = plan_case, args[1:]
+    batch_size, seq_len = int(args[0]), int(args[1])
+    for case in args[2:]:
+        fn(*case.split("/"), batch_size, seq_len)
