@@ -262,6 +262,10 @@ def resume_state(run: Run) -> tuple[dict, int]:
     return restore_into(template, loaded), int(meta["data_position"])
 
 
+def _json_scalar(v) -> bool:
+    return v is None or isinstance(v, (str, int, float, bool, dict))
+
+
 def checkpoint_dir(run: Run) -> Path:
     return run.out / "checkpoints"
 
@@ -269,7 +273,7 @@ def checkpoint_dir(run: Run) -> Path:
 def save(run: Run, state: dict, position: int) -> str:
     meta = {"config": run.config.to_dict(), "data_position": position, "precision": run.precision,
             "tokenizer": os.path.abspath(run.args.tokenizer) if run.args.tokenizer else None,
-            "args": {k: v for k, v in vars(run.args).items() if isinstance(v, (str, int, float, bool, dict, type(None)))}}
+            "args": {k: v for k, v in vars(run.args).items() if _json_scalar(v)}}
     return checkpoint.save_checkpoint(checkpoint_dir(run), state, step=int(state["step"]), metadata=meta,
                                       keep=run.args.keep)
 
@@ -307,7 +311,8 @@ class StopRequest:
 # ----------------------------------------------------------------------------- metrics
 
 
-def peak_flops(precision: str, device: str | torch.device = "cpu", override_tflops: float | None = None) -> float:
+def peak_flops(precision: str, device: str | torch.device = "cpu",
+               override_tflops: float | None = None) -> float:
     if override_tflops:
         return override_tflops * 1e12
     kind = torch.device(device).type
@@ -388,7 +393,8 @@ def generate_samples(run: Run, params, generator: torch.Generator) -> list[str]:
         return []
     prompts = (SAMPLE_PROMPTS * run.args.samples)[:run.args.samples]
     ids = [tok.encode(p, bos=tok.bos_id is not None) for p in prompts]
-    completions = generate(params, run.config, ids, compute_dtype=train.get_precision(run.precision).compute_dtype,
+    dtype = train.get_precision(run.precision).compute_dtype
+    completions = generate(params, run.config, ids, compute_dtype=dtype,
                            max_new_tokens=run.args.sample_tokens, generator=generator,
                            sampling=SamplingParams(temperature=run.args.temperature),
                            eos_id=tok.eos_id, tokenizer=tok)
@@ -398,39 +404,39 @@ def generate_samples(run: Run, params, generator: torch.Generator) -> list[str]:
 # ----------------------------------------------------------------------------- the loop
 
 
-def pretrain(args: argparse.Namespace) -> dict:
-    """Run (or continue) pretraining; returns a summary dict (also written to <out>/summary.json)."""
-    run = setup(args)
-    state, position = resume_state(run) if args.resume else fresh_state(run)
-    start_step = int(state["step"])
-    log = MetricsLog(run.out / "metrics.jsonl", start_step if args.resume else None)
+def step_record(step: int, m: dict, seconds: float, tokens: int, flops_per_token: float,
+                peak: float) -> dict:
+    """One metrics.jsonl line: the step's metrics plus throughput and MFU."""
+    return {"step": step, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
+            "tokens_per_s": tokens / seconds, "mfu": flops_per_token * tokens / seconds / peak,
+            "n_tokens": m["n_tokens"], "skipped": m["skipped"], "loss_scale": m["loss_scale"],
+            "step_time": seconds}
+
+
+def train_loop(run: Run, state: dict, position: int, log: MetricsLog):
+    """Steps until --steps or a stop signal; returns (state, data position, signal name or None,
+    last validation loss)."""
+    args = run.args
     train_step = train.make_train_step(run.config, run.optimizer, micro_batches=run.micro_batches,
                                        precision=run.precision, recompute=args.recompute,
                                        compile=args.compile, impl=args.impl)
     eval_loss = train.make_eval_loss(run.config, precision=run.precision, impl=args.impl)
-    flops_per_token = run.config.flops_per_token(args.seq_len)
+    tokens, flops = args.batch_size * args.seq_len, run.config.flops_per_token(args.seq_len)
     peak = peak_flops(run.precision, "cpu", args.peak_tflops)
-    tokens_per_step = args.batch_size * args.seq_len
-
-    from tqdm import tqdm
-    bar = tqdm(total=args.steps, initial=start_step, file=sys.stderr, dynamic_ncols=True,
-               disable=not args.progress, desc="pretrain")
-    stop = StopRequest()
-    started, step, interrupted, last_val = time.perf_counter(), start_step, None, None
     batches = data.batch_iterator(run.datasets["train"], args.batch_size, start=position,
                                   stop=args.steps * args.batch_size)
-    with stop.installed():
+    from tqdm import tqdm
+    bar = tqdm(total=args.steps, initial=int(state["step"]), file=sys.stderr, dynamic_ncols=True,
+               disable=not args.progress, desc="pretrain")
+    interrupted, val = None, None
+    with StopRequest().installed() as stop, bar:
         for position, batch in batches:
             t0 = time.perf_counter()
             state, m = train_step(state, batch)
-            dt = time.perf_counter() - t0
             step = int(state["step"])
-            record = {"step": step, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
-                      "tokens_per_s": tokens_per_step / dt, "mfu": flops_per_token * tokens_per_step / dt / peak,
-                      "n_tokens": m["n_tokens"], "skipped": m["skipped"], "loss_scale": m["loss_scale"],
-                      "step_time": dt}
+            record = step_record(step, m, time.perf_counter() - t0, tokens, flops, peak)
             if step == args.steps or (args.eval_every and step % args.eval_every == 0):
-                last_val = record["val_loss"] = validation_loss(run, eval_loss, state["params"])
+                val = record["val_loss"] = validation_loss(run, eval_loss, state["params"])
             log.write(record)
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
@@ -440,21 +446,30 @@ def pretrain(args: argparse.Namespace) -> dict:
                 break
             if args.save_every and step % args.save_every == 0 and step < args.steps:
                 save(run, state, position)
-    bar.close()
+    return state, position, interrupted, val
 
-    ckpt = save(run, state, position) if step > start_step or interrupted else None
-    summary = {"steps": step, "interrupted": interrupted, "checkpoint": ckpt,
-               "train_loss": log.records[-1]["loss"] if log.records else None,
+
+def pretrain(args: argparse.Namespace) -> dict:
+    """Run (or continue) pretraining; returns a summary dict (also written to <out>/summary.json)."""
+    started = time.perf_counter()
+    run = setup(args)
+    state, position = resume_state(run) if args.resume else fresh_state(run)
+    start_step = int(state["step"])
+    log = MetricsLog(run.out / "metrics.jsonl", start_step if args.resume else None)
+    state, position, interrupted, val = train_loop(run, state, position, log)
+    step = int(state["step"])
+    summary = {"steps": step, "interrupted": interrupted, "precision": run.precision,
+               "checkpoint": save(run, state, position) if step > start_step else None,
                "first_loss": log.records[0]["loss"] if log.records else None,
-               "elapsed_s": time.perf_counter() - started, "precision": run.precision}
+               "train_loss": log.records[-1]["loss"] if log.records else None, "val_loss": val}
     if interrupted is None:
-        summary["val_loss"] = last_val
         if log.records:
             plot_losses(log.records, run.out / "loss.png")
             summary["plot"] = os.fspath(run.out / "loss.png")
         generator = torch.Generator()
         generator.set_state(state["rng"])
         summary["samples"] = generate_samples(run, state["params"], generator)
+    summary["elapsed_s"] = time.perf_counter() - started
     (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -467,7 +482,7 @@ def report(summary: dict, out=sys.stdout) -> None:
         return
     print(f"trained {summary['steps']} steps in {summary['elapsed_s']:.0f}s: loss "
           f"{summary['first_loss']:.3f} -> {summary['train_loss']:.3f}"
-          + (f", valid {summary['val_loss']:.3f}" if summary.get("val_loss") is not None else ""), file=out)
+          + (f", valid {summary['val_loss']:.3f}" if summary["val_loss"] is not None else ""), file=out)
     if summary.get("plot"):
         print(f"loss curve: {summary['plot']}; checkpoint: {summary['checkpoint']}", file=out)
     for i, text in enumerate(summary.get("samples", [])):
