@@ -197,3 +197,134 @@ def plan_model(config_name: str, overrides: dict | None = None, precision: str =
 
     return PlanModel(name=config_name, make_layout=make_layout, init_params=init, loss=loss, batch=batch,
                      optimizer=lambda: optim.adamw(1e-4, max_grad_norm=1.0), num_params=config.num_params())
+
+
+# ----------------------------------------------------------------------------- scripts/pretrain.py
+
+
+def add_arguments(parser) -> None:
+    """The parallelism flags of scripts/pretrain.py."""
+    a = parser.add_argument
+    a("--mesh", default=None, help="named mesh over the torchrun processes, e.g. dp=2,tp=2 "
+      "(axes pp, dp, fsdp, tp; fsdp = ZeRO-3; one axis may be -1). Default: data parallel over all")
+    a("--zero", type=int, choices=(0, 1, 2, 3), default=0,
+      help="ZeRO stage over dp: 1 shards optimizer state, 2 also gradients, 3 also parameters")
+    a("--sequence-parallel", action="store_true", help="split the norm regions' sequence over tp")
+    a("--virtual-stages", type=int, default=1, help="pipeline stages per pp rank (interleaved 1F1B)")
+    a("--pp-schedule", choices=("gpipe", "1f1b", "interleaved"), default="1f1b",
+      help="pipeline schedule (interleaved when --virtual-stages > 1)")
+    a("--offload-optimizer", action="store_true",
+      help="keep optimizer state and its update in host memory (ZeRO-Offload)")
+    a("--dist-timeout", type=float, default=parallel.mesh.DEFAULT_TIMEOUT_S,
+      help="seconds before a stalled collective (dead or stuck peer) ends every process")
+
+
+class ParallelSetup:
+    """Everything pretrain.py needs to run on a mesh, behind a few calls that are the identity
+    on one process: the layout, sharded init, the optimizer wrapper, the train step, batch
+    rows, evaluation, gathering for samples, and failing loudly instead of hanging."""
+
+    def __init__(self, layout: Layout, *, offload: bool = False, timeout_s: float = 300.0):
+        self.layout, self.offload, self.timeout_s = layout, offload, timeout_s
+        self.watchdog = None  # set by guard(); train steps and evaluations pet it
+
+    def _pet(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.pet()
+
+    @classmethod
+    def from_args(cls, args) -> "ParallelSetup":
+        mesh = parallel.make_mesh(getattr(args, "mesh", None), timeout_s=getattr(args, "dist_timeout", 300.0))
+        if mesh.has("pp"):
+            raise ValueError("pipeline parallelism (a pp mesh axis) is not available in pretrain.py yet; "
+                             "see parallel.pipeline for the schedules")
+        layout = make_layout(mesh, zero=getattr(args, "zero", 0),
+                             sequence_parallel=getattr(args, "sequence_parallel", False))
+        setup = cls(layout, offload=getattr(args, "offload_optimizer", False),
+                    timeout_s=getattr(args, "dist_timeout", 300.0))
+        micro = args.batch_size // (args.micro_batch_size or args.batch_size)
+        if args.batch_size % (layout.data_size * micro):
+            raise ValueError(f"--batch-size {args.batch_size} does not split into {micro} micro-batches "
+                             f"on each of {layout.data_size} data-parallel ranks")
+        return setup
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes logs, plots and prints; every rank writes its checkpoint shards."""
+        return self.layout.mesh.rank == 0
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.mesh.world_size
+
+    def wrap_optimizer(self, optimizer, max_grad_norm: float | None):
+        return parallel.distributed_optimizer(optimizer, self.layout, max_grad_norm=max_grad_norm,
+                                              offload=self.offload)
+
+    def init_params(self, config: ModelConfig, seed: int):
+        return init_params(config, seed, self.layout)
+
+    def make_train_step(self, config: ModelConfig, optimizer, **kwargs):
+        inner = make_train_step(config, optimizer, self.layout, **kwargs)
+
+        def step(state, batch):
+            out = inner(state, batch)
+            self._pet()
+            return out
+
+        return step
+
+    def local_batch(self, batch: dict) -> dict:
+        return local_batch(batch, self.layout)
+
+    def make_eval_loss(self, config: ModelConfig, *, precision: str = "bf16", impl: str = "auto"):
+        if self.layout.trivial:
+            return train.make_eval_loss(config, precision=precision, impl=impl)
+        dtype = train.get_precision(precision).compute_dtype
+        layout = self.layout
+
+        @torch.no_grad()
+        def eval_loss(params, batches) -> float:
+            total, count = 0.0, 0
+            with layout.activate():
+                p = compute_view(params, layout)
+                for batch in batches:  # the same global batches on every rank; each takes its rows
+                    s, n = model.loss_sum_fn(p, shard_batch(batch, layout, local=False), config,
+                                             compute_dtype=dtype, impl=ops_impl(layout, impl))
+                    total += float(s.full_tensor() if hasattr(s, "full_tensor") else s)
+                    count += int(n.full_tensor() if hasattr(n, "full_tensor") else n)
+                    self._pet()
+            return total / max(count, 1)
+
+        return eval_loss
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if it is true on any (e.g. a stop signal seen by one rank)."""
+        if self.layout.trivial:
+            return bool(flag)
+        t = torch.tensor(int(bool(flag)))
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def full_params(self, params):
+        """Unsharded parameters on every rank (a collective: call it on all ranks)."""
+        return parallel.gather(params)
+
+    def guard(self):
+        """A failed collective or a stalled step ends this process with one clear line."""
+        import contextlib
+
+        from parallel.faults import Watchdog, guard
+
+        if self.layout.trivial:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(guard("pretraining"))
+        self.watchdog = stack.enter_context(Watchdog(max(3 * self.timeout_s, 60.0), "train step"))
+        stack.callback(setattr, self, "watchdog", None)
+        return stack
+
+
+def place_like(loaded: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
+    """A full tensor from a checkpoint placed like `template` (resharding on resume)."""
+    return parallel.shard_like(loaded, template)
