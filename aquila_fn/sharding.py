@@ -328,3 +328,189 @@ class ParallelSetup:
 def place_like(loaded: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
     """A full tensor from a checkpoint placed like `template` (resharding on resume)."""
     return parallel.shard_like(loaded, template)
+
+
+# ----------------------------------------------------------------------------- pipeline parallelism
+
+
+def _stage_parts(config: ModelConfig, stage: int, n_stages: int) -> tuple[bool, bool, range]:
+    from parallel.pipeline import stage_bounds
+
+    lo, hi = stage_bounds(config.n_layers, n_stages)[stage]
+    return stage == 0, stage == n_stages - 1, range(lo, hi)
+
+
+def _stage_shapes(config: ModelConfig, stage: int, n_stages: int) -> dict:
+    """The parameter shapes stage `stage` holds, keyed by their one-process paths
+    (`layers` becomes a dict {"3": layer} so a leaf's path stays `layers.3.attn.wq`)."""
+    full = model.param_shapes(config)
+    first, last, layers = _stage_parts(config, stage, n_stages)
+    out: dict = {}
+    if first:
+        out["embed"] = full["embed"]
+    out["layers"] = {str(i): full["layers"][i] for i in layers}
+    if last:
+        out["norm"] = full["norm"]
+        out["lm_head"] = full["lm_head"]
+    return out
+
+
+def _merge(trees: list[dict]) -> dict:
+    out: dict = {}
+    for t in trees:
+        for k, v in t.items():
+            if k == "layers":
+                out.setdefault("layers", {}).update(v)
+            else:
+                out[k] = v
+    return out
+
+
+@dataclass
+class _PipeContext:
+    weight: float = 1.0  # 1 / global tokens
+
+
+def _stage_fn(config: ModelConfig, layout: Layout, stage: int, n_stages: int, *, compute_dtype,
+              impl: str, recompute: str) -> Callable:
+    """fn(params, x) of one pipeline stage: token ids (first stage) or the hidden state in, the
+    hidden state out (after the final norm on the last stage), as plain local tensors; inside, the
+    model's own layer code runs on DTensors over the stage's mesh."""
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    import ops
+    from parallel.layout import constrain
+
+    first, last, layers = _stage_parts(config, stage, n_stages)
+    impl = ops_impl(layout, impl)
+
+    def to_mesh(x, spec):
+        if layout.trivial:
+            return x
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(x, layout.device_mesh, layout.placements(spec, x.dim(), "act"), run_check=False)
+
+    def fn(params, x):
+        with layout.activate():
+            p = compute_view(params, layout)
+            if first:
+                dtype = compute_dtype or p["embed"].dtype
+                h = constrain(F.embedding(to_mesh(x, ("batch", None)), p["embed"]), model.RESIDUAL).to(dtype)
+            else:
+                h = constrain(to_mesh(x, model.FULL_SEQ), model.RESIDUAL)
+                dtype = h.dtype
+            s = h.shape[1]
+            cos, sin = ops.rope_table(config.max_seq_len, config.head_dim, config.rope_theta, dtype, x.device)
+            cos, sin = cos[:s], sin[:s]
+            for i in layers:
+                layer = p["layers"][str(i)]
+                if recompute == "full":
+                    h = checkpoint(model._layer, layer, h, cos, sin, config, None, None, None, impl, False,
+                                   use_reentrant=False)
+                else:
+                    h = model._layer(layer, h, cos, sin, config, None, None, None, impl, recompute == "selective")
+            if last:
+                h = ops.rms_norm(h, p["norm"], config.norm_eps, impl=impl)
+            h = constrain(h, model.FULL_SEQ)
+            return h.to_local() if hasattr(h, "to_local") else h
+
+    return fn
+
+
+def _pipeline_loss(config: ModelConfig, layout: Layout, head: Callable, context: _PipeContext, impl: str):
+    """loss_fn(hidden, labels) of the last stage: this rank's share of the token-weighted mean."""
+    import ops
+
+    impl = ops_impl(layout, impl)
+
+    def loss_fn(hidden, labels):
+        with layout.activate():
+            if not layout.trivial:
+                from torch.distributed.tensor import DTensor
+
+                mesh = layout.device_mesh
+                hidden = DTensor.from_local(hidden, mesh, layout.placements(model.FULL_SEQ, 3, "act"), run_check=False)
+                labels = DTensor.from_local(labels, mesh, layout.placements(("batch", None), 2, "act"), run_check=False)
+            w = head()
+            w = compute_view({"w": w}, layout)["w"] if not layout.trivial else w
+            total, _ = ops.cross_entropy(hidden.reshape(-1, hidden.shape[-1]), w.to(hidden.dtype),
+                                         labels.reshape(-1), impl=impl)
+            return local_value(total) * context.weight
+
+    return loss_fn
+
+
+def make_pipeline(config: ModelConfig, seed: int, mesh: parallel.Mesh, *, zero: int = 0,
+                  sequence_parallel: bool = False, virtual_stages: int = 1, schedule: str = "1f1b",
+                  micro_batches: int = 1, precision: str = "fp32", recompute: str = "none",
+                  impl: str = "auto"):
+    """(params, pipeline, layout, context) for this rank: the parameters of its stages (sharded
+    over the stage's mesh, initialised as one process would), and the schedule over them."""
+    from parallel.pipeline import Pipeline, rank_stages
+
+    if config.tie_embeddings:
+        raise ValueError("pipeline parallelism needs untied embeddings (tie_embeddings=False): the "
+                         "first and last stages would share one matrix")
+    pp = mesh.size("pp")
+    layout = make_layout(mesh.without("pp"), zero=zero, sequence_parallel=sequence_parallel)
+    n_stages = pp * virtual_stages
+    mine = rank_stages(mesh.rank_in("pp"), pp, virtual_stages)
+    compute_dtype = train.get_precision(precision).compute_dtype
+    context = _PipeContext()
+    stages, trees = [], []
+    for s in mine:
+        shapes = _stage_shapes(config, s, n_stages)
+        params = parallel.materialize(
+            shapes, lambda path, meta: model.init_leaf(path, meta.shape, config, seed), layout)
+        stages.append((s, params, _stage_fn(config, layout, s, n_stages, compute_dtype=compute_dtype,
+                                            impl=impl, recompute=recompute)))
+    holder: dict = {}
+    loss_fn = _pipeline_loss(config, layout, lambda: holder["pipe"].modules[-1].tree()["lm_head"],
+                             context, impl)
+    pipe = Pipeline(stages, n_stages, mesh.group("pp"), "interleaved" if virtual_stages > 1 else schedule,
+                    micro_batches, loss_fn, device=mesh.device)
+    holder["pipe"] = pipe
+    params = _merge(pipe.params())
+    return params, pipe, layout, context
+
+
+def make_pipeline_train_step(config: ModelConfig, optimizer, mesh: parallel.Mesh, pipe, layout: Layout,
+                             context: _PipeContext) -> Callable:
+    """`step(state, local_batch) -> (state, metrics)` through the pipeline schedule: one
+    forward/backward over the micro-batches (gradients in the parameters' .grad), data-parallel
+    reduction within the stage mesh, one optimizer step on this rank's leaves."""
+    from aquila_fn import optim
+
+    pp_group = mesh.group("pp")
+
+    def data_sum(value: float, group_pp: bool = False) -> float:
+        t = torch.tensor(value, dtype=torch.float64)
+        for axis in layout.data_axes:
+            dist.all_reduce(t, group=layout.mesh.group(axis))
+        if group_pp:
+            dist.all_reduce(t, group=pp_group)
+        return t.item()
+
+    def step(state, batch):
+        n_global = data_sum(float(train.count_tokens(batch)))
+        context.weight = 1.0 / max(n_global, 1.0)
+        pipe.zero_grad()
+        with layout.activate():
+            losses = pipe.step(batch["input_ids"], batch["labels"])
+            params = state["params"]
+            grads = parallel.tree.map_with_path(
+                lambda p, x: x.grad if x.grad is not None else torch.zeros_like(x), params)
+            grads = parallel.reduce_gradients(grads, layout)
+            grad_norm = float(parallel.global_grad_norm(grads, pp_group))
+            lr = optim.learning_rate(optimizer, state["opt_state"])
+            params, opt_state = optim.step(optimizer, params, grads, state["opt_state"])
+        local = sum(float(l.detach()) for l in losses) * n_global  # this rank's loss sum (last stage only)
+        loss_sum = data_sum(local, group_pp=True)
+        new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
+        metrics = {"loss": loss_sum / max(n_global, 1.0), "grad_norm": grad_norm, "lr": lr,
+                   "n_tokens": int(n_global), "skipped": 0, "loss_scale": 1.0}
+        return new_state, metrics
+
+    return step

@@ -104,7 +104,7 @@ def _local(tree: Any, device: str | None) -> Any:
     return map_with_path(one, tree)
 
 
-def global_grad_norm(grads: Any) -> torch.Tensor:
+def global_grad_norm(grads: Any, extra_group=None) -> torch.Tensor:
     """The L2 norm of all gradients together, over the whole mesh (a plain fp32 scalar).
 
     Local sums of squares are added per placement (a DTensor scalar is partial over the axes
@@ -126,6 +126,10 @@ def global_grad_norm(grads: Any) -> torch.Tensor:
     for (mesh, placements), parts in groups.items():
         local = torch.stack(parts).sum()
         plain = plain.to(local.device) + DTensor.from_local(local, mesh, placements, run_check=False).full_tensor()
+    if extra_group is not None:  # e.g. the pipeline group: each stage holds different leaves
+        import torch.distributed as dist
+
+        dist.all_reduce(plain, group=extra_group)
     return plain.sqrt()
 
 
@@ -154,7 +158,7 @@ def _rewrap(state: Any, index: list[tuple[str, Any]]) -> Any:
 
 
 def distributed_optimizer(inner, layout: Layout, *, max_grad_norm: float | None = None,
-                          offload: bool = False):
+                          offload: bool = False, norm_group=None):
     """`inner` (an optax-shaped GradientTransformation) applied shard by shard.
 
     The optimizer works on each rank's local block of the layout's optimizer-state placement
@@ -163,9 +167,10 @@ def distributed_optimizer(inner, layout: Layout, *, max_grad_norm: float | None 
     global quantity, the gradient norm for clipping, is computed over the mesh here when
     `max_grad_norm` is given (the inner optimizer's own clipping then sees a norm already within
     bounds and does nothing). New parameter blocks are all-gathered back into the parameter
-    placement. offload=True keeps the state on the host and runs the update there.
+    placement. offload=True keeps the state on the host and runs the update there. `norm_group`:
+    a process group over which the squared norm is also summed (pipeline stages).
     """
-    if layout.trivial and not offload:
+    if layout.trivial and not offload and norm_group is None:
         return inner
     host = "cpu" if offload else None
 
@@ -177,7 +182,7 @@ def distributed_optimizer(inner, layout: Layout, *, max_grad_norm: float | None 
     def _clip(grads):
         if not max_grad_norm:
             return grads
-        norm = global_grad_norm(grads)
+        norm = global_grad_norm(grads, norm_group)
         factor = max_grad_norm / torch.clamp(norm, min=max_grad_norm)
         return map_with_path(lambda p, g: g * factor.to(g.device) if isinstance(g, torch.Tensor) else g, grads)
 
