@@ -11,7 +11,7 @@ import torch
 
 import ops
 from ops._dispatch import MIN_FUSED_NUMEL, resolve_elementwise
-from ops.cross_entropy import default_chunk_size
+from ops.cross_entropy import CHUNK_LOGITS, CHUNK_LOGITS_LOW_PRECISION, default_chunk_size
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 GRAD_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=5e-2, rtol=5e-2)}
@@ -202,7 +202,8 @@ def test_cross_entropy_all_ignored_and_no_grad():
 
 
 def test_cross_entropy_default_chunk_bounds_logits():
-    assert default_chunk_size(100_008) * 100_008 <= (1 << 24)
+    assert default_chunk_size(100_008) * 100_008 <= CHUNK_LOGITS[torch.float32]
+    assert default_chunk_size(100_008, torch.bfloat16) * 100_008 <= CHUNK_LOGITS_LOW_PRECISION
     assert default_chunk_size(10) >= 16
 
 
@@ -276,3 +277,12 @@ def test_impl_validation_and_auto_choice():
         ops.rms_norm(small, small, impl="triton")
     with pytest.raises(ValueError, match="impl"):
         ops.attention(*_qkv(2, 2, 1, 1, torch.float32), impl="flash")
+
+
+def test_cross_entropy_fused_backward_runs_once():
+    hidden, weight, labels = _ce_inputs(12, 9, 8, torch.float32)
+    h = hidden.requires_grad_()
+    loss, _ = ops.cross_entropy(h, weight, labels, impl="fused")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
