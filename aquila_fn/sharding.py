@@ -227,6 +227,8 @@ class ParallelSetup:
     def __init__(self, layout: Layout, *, offload: bool = False, timeout_s: float = 300.0):
         self.layout, self.offload, self.timeout_s = layout, offload, timeout_s
         self.watchdog = None  # set by guard(); train steps and evaluations pet it
+        self.pipeline: _PipelineOptions | None = None  # set when the mesh has a pp axis
+        self._pipe = None  # (pipeline, context) once built by init_params
 
     def _pet(self) -> None:
         if self.watchdog is not None:
@@ -235,14 +237,13 @@ class ParallelSetup:
     @classmethod
     def from_args(cls, args) -> "ParallelSetup":
         mesh = parallel.make_mesh(getattr(args, "mesh", None), timeout_s=getattr(args, "dist_timeout", 300.0))
-        if mesh.has("pp"):
-            raise ValueError("pipeline parallelism (a pp mesh axis) is not available in pretrain.py yet; "
-                             "see parallel.pipeline for the schedules")
-        layout = make_layout(mesh, zero=getattr(args, "zero", 0),
+        layout = make_layout(mesh.without("pp"), zero=getattr(args, "zero", 0),
                              sequence_parallel=getattr(args, "sequence_parallel", False))
         setup = cls(layout, offload=getattr(args, "offload_optimizer", False),
                     timeout_s=getattr(args, "dist_timeout", 300.0))
         micro = args.batch_size // (args.micro_batch_size or args.batch_size)
+        if mesh.has("pp") or getattr(args, "virtual_stages", 1) > 1:
+            setup.pipeline = _PipelineOptions.from_args(args, mesh, micro)
         if args.batch_size % (layout.data_size * micro):
             raise ValueError(f"--batch-size {args.batch_size} does not split into {micro} micro-batches "
                              f"on each of {layout.data_size} data-parallel ranks")
@@ -251,21 +252,44 @@ class ParallelSetup:
     @property
     def is_main(self) -> bool:
         """Rank 0 writes logs, plots and prints; every rank writes its checkpoint shards."""
-        return self.layout.mesh.rank == 0
+        return self.rank == 0
 
     @property
     def world_size(self) -> int:
-        return self.layout.mesh.world_size
+        return self.layout.mesh.world_size * (self.pipeline.mesh.size("pp") if self.pipeline else 1)
+
+    @property
+    def rank(self) -> int:
+        return self.pipeline.mesh.rank if self.pipeline else self.layout.mesh.rank
 
     def wrap_optimizer(self, optimizer, max_grad_norm: float | None):
+        group = self.pipeline.mesh.group("pp") if self.pipeline else None
         return parallel.distributed_optimizer(optimizer, self.layout, max_grad_norm=max_grad_norm,
-                                              offload=self.offload)
+                                              offload=self.offload, norm_group=group)
 
     def init_params(self, config: ModelConfig, seed: int):
-        return init_params(config, seed, self.layout)
+        if self.pipeline is None:
+            return init_params(config, seed, self.layout)
+        o, self._config = self.pipeline, config
+        params, pipe, _, context = make_pipeline(
+            config, seed, o.mesh, zero=self.layout.zero, sequence_parallel=self.layout.sequence_parallel,
+            virtual_stages=o.virtual_stages, schedule=o.schedule, micro_batches=o.micro_batches,
+            precision=o.precision, recompute=o.recompute, impl=o.impl)
+        self._pipe = (pipe, context)
+        return params
 
     def make_train_step(self, config: ModelConfig, optimizer, **kwargs):
-        inner = make_train_step(config, optimizer, self.layout, **kwargs)
+        if self.pipeline is not None:
+            if self._pipe is None:
+                raise RuntimeError("init_params builds the pipeline: call it before make_train_step")
+            pipe, context = self._pipe
+            pipeline_step = make_pipeline_train_step(config, optimizer, self.pipeline.mesh, pipe,
+                                                     self.layout, context)
+
+            def inner(state, batch):  # a resumed state brings its own tensors: adopt their values
+                return pipeline_step({**state, "params": adopt(pipe, state["params"])}, batch)
+        else:
+            inner = make_train_step(config, optimizer, self.layout, **kwargs)
 
         def step(state, batch):
             out = inner(state, batch)
@@ -278,6 +302,8 @@ class ParallelSetup:
         return local_batch(batch, self.layout)
 
     def make_eval_loss(self, config: ModelConfig, *, precision: str = "bf16", impl: str = "auto"):
+        if self.pipeline is not None:
+            return lambda params, batches: None  # validation through the pipeline: not yet
         if self.layout.trivial:
             return train.make_eval_loss(config, precision=precision, impl=impl)
         dtype = train.get_precision(precision).compute_dtype
@@ -308,7 +334,23 @@ class ParallelSetup:
 
     def full_params(self, params):
         """Unsharded parameters on every rank (a collective: call it on all ranks)."""
-        return parallel.gather(params)
+        full = parallel.gather(params)
+        if self.pipeline is None:
+            return full
+        parts = [None] * self.pipeline.mesh.size("pp")  # each stage holds different leaves
+        dist.all_gather_object(parts, full, group=self.pipeline.mesh.group("pp"))
+        merged = _merge(parts)
+        merged["layers"] = [merged["layers"][str(i)] for i in range(len(merged["layers"]))]
+        return merged
+
+    def checkpoint_view(self, state, config: ModelConfig | None = None):
+        """The state as checkpoints store it. Under pipeline parallelism each rank holds only its
+        stages' leaves; the view has the whole tree's structure, with this rank's leaves as blocks
+        of the full tensors and the others as empty blocks, so every rank file describes the
+        same tree and loading merges them."""
+        if self.pipeline is None:
+            return state
+        return _pipeline_checkpoint_view(state, self._config)
 
     def guard(self):
         """A failed collective or a stalled step ends this process with one clear line."""
@@ -514,3 +556,79 @@ def make_pipeline_train_step(config: ModelConfig, optimizer, mesh: parallel.Mesh
         return new_state, metrics
 
     return step
+
+
+@dataclass
+class _PipelineOptions:
+    mesh: parallel.Mesh
+    virtual_stages: int
+    schedule: str
+    micro_batches: int
+    precision: str
+    recompute: str
+    impl: str
+
+    @classmethod
+    def from_args(cls, args, mesh: parallel.Mesh, micro_batches: int) -> "_PipelineOptions":
+        precision = train.default_precision("cpu") if args.precision == "auto" else args.precision
+        if precision == "fp16":
+            raise ValueError("pipeline parallelism runs bf16 or fp32 (fp16 loss scaling is not wired "
+                             "through the pipeline schedules)")
+        if not mesh.has("pp"):
+            raise ValueError("--virtual-stages needs a pp axis in --mesh (e.g. --mesh pp=2)")
+        schedule = "interleaved" if args.virtual_stages > 1 else args.pp_schedule
+        return cls(mesh, args.virtual_stages, schedule, micro_batches, precision, args.recompute,
+                   getattr(args, "impl", "auto"))
+
+
+def adopt(pipe, params: dict) -> dict:
+    """The pipeline modules' parameters, holding the values of `params` (a state restored from a
+    checkpoint brings new tensors; the schedule runs the modules' own)."""
+    own = _merge(pipe.params())
+    with torch.no_grad():
+        def copy(path, mine, given):
+            if mine is not given:
+                mine.copy_(given)
+            return mine
+
+        return parallel.tree.map_with_path(copy, own, params)
+
+
+def _pipeline_checkpoint_view(state: Any, config: ModelConfig) -> Any:
+    """See ParallelSetup.checkpoint_view."""
+    from aquila_fn.checkpoint import LocalShard
+
+    full = model.param_shapes(config)
+
+    def empty(meta) -> LocalShard:
+        shape = tuple(meta.shape)
+        return LocalShard(torch.empty((0,) + shape[1:], dtype=meta.dtype), shape, (0,) * len(shape))
+
+    def owned(x):
+        if isinstance(x, torch.Tensor) and not hasattr(x, "placements"):
+            return LocalShard(x.detach(), tuple(x.shape), (0,) * x.dim())  # written by its owner
+        return x
+
+    def mirror(tree: dict) -> dict:
+        """A params-shaped dict (params, Adam moments) completed to the whole model."""
+        out = {}
+        for key, meta in full.items():
+            if key == "layers":
+                mine = tree.get("layers", {})
+                out["layers"] = [parallel.tree.map_with_path(lambda p, x: owned(x), mine[str(i)]) if str(i) in mine
+                                 else parallel.tree.map_with_path(lambda p, m: empty(m), meta[i])
+                                 for i in range(len(meta))]
+            else:
+                out[key] = owned(tree[key]) if key in tree else empty(meta)
+        return out
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "layers" in node and isinstance(node["layers"], dict):
+                return mirror(node)
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return type(node)(walk(v) for v in node)
+        return node
+
+    return walk(state)

@@ -20,7 +20,7 @@ from aquila_fn import model, optim, sharding, train
 from aquila_fn.config import get_config
 from aquila_fn.transforms import value_and_grad
 
-CONFIG = get_config("tiny").replace(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+CONFIG = get_config("tiny").replace(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=64,
                                     vocab_size=64, max_seq_len=64, tie_embeddings=False)
 SEED, STEPS, BATCH, SEQ = 0, 3, 4, 16
 
@@ -38,6 +38,20 @@ def batches(config=CONFIG, start=0, steps=None):
 
 def make_optimizer():
     return optim.adamw(optim.warmup_cosine(1e-2, 1, 100), weight_decay=0.1, max_grad_norm=1.0)
+
+
+def run_pipeline(mesh, *, zero=0, sp=False, micro=1, virtual=1, schedule="1f1b", config=CONFIG):
+    params, pipe, layout, context = sharding.make_pipeline(
+        config, SEED, mesh, zero=zero, sequence_parallel=sp, virtual_stages=virtual, schedule=schedule,
+        micro_batches=micro)
+    opt = parallel.distributed_optimizer(make_optimizer(), layout, max_grad_norm=1.0, norm_group=mesh.group("pp"))
+    state = train.init_train_state(params, opt, precision="fp32")
+    step = sharding.make_pipeline_train_step(config, opt, mesh, pipe, layout, context)
+    losses = []
+    for batch in batches(config):
+        state, metrics = step(state, sharding.local_batch(batch, layout))
+        losses.append(metrics["loss"])
+    return losses, state
 
 
 def run(layout, *, micro=1, offload=False, config=CONFIG):
@@ -75,10 +89,15 @@ def describe(state) -> dict:
     return {"param": show(wq), "moment": show(mu)}
 
 
+def describe_pp(state) -> dict:
+    """Which layers this rank (rank 0: the first stage) holds, in place of placements."""
+    return {"param": ",".join(sorted(state["params"]["layers"], key=int)), "moment": ""}
+
+
 def parse(text):
     parts = text.split(";")
     opts = dict(p.split("=", 1) if "=" in p else (p, "1") for p in parts[1:])
-    return parts[0], int(opts.get("zero", 0)), "sp" in opts, "offload" in opts, int(opts.get("micro", 1))
+    return parts[0], int(opts.get("zero", 0)), "sp" in opts, "offload" in opts, int(opts.get("micro", 1)), opts
 
 
 def main(argv):
@@ -86,8 +105,17 @@ def main(argv):
     ref_losses, ref_params, _ = run(trivial)
     ref_grads = first_grads(trivial)
     for text in argv:
-        spec, zero, sp, offload, micro = parse(text)
+        spec, zero, sp, offload, micro, opts = parse(text)
         mesh = parallel.make_mesh(spec)
+        if mesh.has("pp"):
+            t0 = time.time()
+            losses, state = run_pipeline(mesh, zero=zero, sp=sp, micro=micro, virtual=int(opts.get("v", 1)),
+                                         schedule=opts.get("schedule", "1f1b"))
+            if mesh.rank == 0:
+                print("RESULT " + json.dumps({"layout": text, "losses": losses, "ref": ref_losses,
+                                              "grad_rel_diff": None, "placements": describe_pp(state),
+                                              "seconds": time.time() - t0}), flush=True)
+            continue
         layout = sharding.make_layout(mesh, zero=zero, sequence_parallel=sp)
         t0 = time.time()
         losses, params, state = run(layout, micro=micro, offload=offload)

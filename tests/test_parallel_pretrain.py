@@ -49,3 +49,17 @@ def test_pretrain_resumes_under_another_mesh(tmp_path, reference):
     first = pretrain(tmp_path, "--steps", "2", "--mesh", "tp=2", nproc=2)
     both = pretrain(tmp_path, "--steps", "4", "--mesh", "fsdp=2", "--resume", nproc=2)
     assert close(first, reference[:2]) and close(both, reference)
+
+
+PP_CONFIG = ["--model-overrides", "dim=64,n_layers=4,n_heads=4,n_kv_heads=2,ffn_dim=128,tie_embeddings=false",
+             "--micro-batch-size", "1"]
+
+
+def test_pretrain_pipeline_matches_one_process_and_resumes_with_another_split(tmp_path):
+    reference = pretrain(tmp_path / "single", "--steps", "4", *PP_CONFIG)
+    # interleaved 1F1B: 4 stages of one layer on 2 ranks, 4 micro-batches
+    first = pretrain(tmp_path / "pp", "--steps", "2", *PP_CONFIG, "--mesh", "pp=2", "--virtual-stages", "2",
+                     nproc=2)
+    # resumed as plain 1F1B: 2 stages of two layers (the checkpoint holds the whole model)
+    both = pretrain(tmp_path / "pp", "--steps", "4", *PP_CONFIG, "--mesh", "pp=2", "--resume", nproc=2)
+    assert close(first, reference[:2]) and close(both, reference)
