@@ -195,8 +195,40 @@ def plan_model(config_name: str, overrides: dict | None = None, precision: str =
         ids = torch.zeros((rows, seq_len), dtype=torch.long, device="meta")
         return {"input_ids": ids, "labels": ids.clone()}
 
+    def stage_params(params, stage, n_stages):
+        keys = _stage_shapes(config, stage, n_stages)
+        out = {k: params[k] for k in keys if k != "layers"}
+        out["layers"] = {i: params["layers"][int(i)] for i in keys["layers"]}
+        return {k: out[k] for k in keys}
+
+    def stage_loss(layout, stage, n_stages):
+        first, last, _ = _stage_parts(config, stage, n_stages)
+        fn = _stage_fn(config, layout, stage, n_stages, compute_dtype=compute_dtype, impl="auto",
+                       recompute=recompute)
+        head_loss = _pipeline_loss(config, layout, lambda: holder["params"]["lm_head"], _PipeContext(), "auto")
+        holder: dict = {}
+
+        def run(params, batch):
+            ids = batch["input_ids"]
+            if first:
+                x = ids
+            else:  # the activation received from the previous stage (its gradient is sent back)
+                x = torch.zeros((*ids.shape, config.dim), dtype=compute_dtype or torch.float32,
+                                device=ids.device, requires_grad=True)
+            out = fn(params, x)
+            if last:
+                holder["params"] = params
+                return head_loss(out, batch["labels"])
+            return out.float().sum()
+
+        return run
+
+    def boundary_bytes(rows, seq_len):
+        return rows * seq_len * config.dim * (compute_dtype or torch.float32).itemsize
+
     return PlanModel(name=config_name, make_layout=make_layout, init_params=init, loss=loss, batch=batch,
-                     optimizer=lambda: optim.adamw(1e-4, max_grad_norm=1.0), num_params=config.num_params())
+                     optimizer=lambda: optim.adamw(1e-4, max_grad_norm=1.0), stage_params=stage_params,
+                     stage_loss=stage_loss, boundary_bytes=boundary_bytes, num_params=config.num_params())
 
 
 # ----------------------------------------------------------------------------- scripts/pretrain.py

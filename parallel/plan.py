@@ -50,6 +50,7 @@ class PlanModel:
     optimizer: Callable[[], Any]                     # the one-process optimizer
     stage_params: Callable[..., Any] | None = None   # (params, stage, n_stages) -> subtree
     stage_loss: Callable[..., Callable] | None = None  # (layout, stage, n_stages) -> loss
+    boundary_bytes: Callable[[int, int], int] | None = None  # (rows, seq) -> activation sent between stages
     num_params: int = 0
 
 
@@ -121,6 +122,15 @@ def plan_stage(model: PlanModel, mesh: Mesh, *, zero: int, sequence_parallel: bo
             with comm_once, torch.no_grad():
                 opt.apply_(params, grad_tree, state)
 
+    if n_stages > 1 and model.boundary_bytes is not None:
+        # point-to-point: each micro-batch's activation forward, its gradient backward, per chunk
+        per = model.boundary_bytes(rows, seq_len)
+        total_stages = n_stages * virtual
+        sends = sum((c < total_stages - 1) + (c > 0) for c in chunks) * micro_batches
+        rec = comm_once.records[("send", 2)]
+        rec.calls += sends
+        rec.payload_bytes += sends * per
+        rec.sent_bytes += sends * per
     in_flight = _in_flight(schedule, n_stages, stage, micro_batches, virtual)
     activation_bytes = saved_total * in_flight / max(len(chunks), 1) if n_stages > 1 else saved_total
     comm = _merge(comm_micro, micro_batches, comm_once)
@@ -168,6 +178,8 @@ def plan(model: PlanModel, mesh_spec: str | dict, *, world_size: int | None = No
         if per_rank % mbs:
             raise ValueError(f"{per_rank} rows per data rank do not split into micro-batches of {mbs}")
         micro = per_rank // mbs
+        if pp > 1 and model.stage_params is None:
+            raise ValueError(f"{model.name}: the model plugin does not describe pipeline stages")
         stages = [plan_stage(model, mesh, zero=zero, sequence_parallel=sequence_parallel, rows=mbs,
                              seq_len=seq_len, micro_batches=micro, offload=offload, stage=s, n_stages=pp,
                              virtual=virtual_stages, schedule=schedule) for s in range(pp)]

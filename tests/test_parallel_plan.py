@@ -53,18 +53,24 @@ def test_plan_matches_real_allocations_and_traffic(planned_and_measured, case):
 
 
 def test_plan_cli_for_a_model_that_does_not_fit_here():
-    args = ["-m", "parallel.plan", "--config", "aquila2-34b", "--mesh", "dp=8,tp=8", "--batch-size", "64",
+    args = ["-m", "parallel.plan", "--config", "aquila2-34b", "--mesh", "dp=8,tp=8,pp=2", "--batch-size", "64",
             "--micro-batch-size", "1", "--seq-len", "4096", "--recompute", "selective", "--zero", "1",
             "--sequence-parallel"]
-    text = run_python(*args).stdout
-    assert "per rank" in text and "activations" in text and "communication" in text
     plan = json.loads(run_python(*args, "--json").stdout)
-    stage = plan["stages"][0]
+    stages = plan["stages"]
+    assert [s["stage"] for s in stages] == [0, 1] and plan["micro_batches"] == 8
     n = get_config("aquila2-34b").num_params()
     norms = (2 * 60 + 1) * 6144  # replicated over tp
-    assert stage["params_bytes"] == pytest.approx(4 * ((n - norms) / 8 + norms), rel=1e-3)
-    assert stage["optimizer_bytes"] == pytest.approx(8 * n / 64, rel=1e-2)  # Adam moments, ZeRO-1 over dp and tp
-    assert plan["micro_batches"] == 8
-    # ZeRO-1 + dp: gradients all-reduced once per step over 8 ranks (2 * 7/8 of their bytes) and
-    # parameters all-gathered once (7/8 of them); tensor/sequence parallel traffic on top
-    assert stage["comm"]["all_reduce@8"]["sent_bytes"] >= 2 * 7 / 8 * stage["grads_bytes"] * 0.99
+    assert sum(s["params_bytes"] for s in stages) == pytest.approx(4 * ((n - norms) / 8 + norms), rel=1e-3)
+    # Adam moments, ZeRO-1: split over dp and tp, and between the two stages
+    assert sum(s["optimizer_bytes"] for s in stages) == pytest.approx(8 * n / 64, rel=1e-2)
+    for s in stages:
+        # gradients all-reduced once per step over 8 data ranks (2 * 7/8 of their bytes), on top of
+        # the tensor/sequence-parallel traffic; activations cross the stage boundary point to point
+        assert s["comm"]["all_reduce@8"]["sent_bytes"] >= 2 * 7 / 8 * s["grads_bytes"] * 0.99
+        assert s["comm"]["send@2"]["calls"] == 8  # 8 micro-batches, one direction each
+    # 1F1B: the first stage holds two micro-batches' activations at its peak, the last one
+    assert [s["micro_batches_in_flight"] for s in stages] == [2, 1]
+    text = run_python("-m", "parallel.plan", "--config", "aquila2-7b", "--mesh", "dp=2,tp=4",
+                      "--batch-size", "8", "--seq-len", "2048", "--zero", "3").stdout
+    assert "per rank" in text and "activations" in text and "communication" in text
