@@ -100,6 +100,16 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, cache):
     assert [r["step"] for r in _records(out)][-3:] == [last, last + 1, last + 2]
 
 
+def test_indexed_dataset_prefix_without_a_tokenizer(tmp_path, cache):
+    from aquila_fn import data
+    from aquila_fn.tokenizer import load_tokenizer
+    prefix = data.prepare_text_dataset(SHAKESPEARE, load_tokenizer(DEFAULT_RUN["tokenizer"]), cache)
+    summary = pretrain(parse_args(_args(tmp_path, cache, "--data", prefix, "--tokenizer", "",
+                                        "--model-overrides", SMALL, "--steps", "3", "--samples", "2")))
+    assert summary["steps"] == 3 and summary["samples"] == []  # no tokenizer: nothing to decode
+    assert len(_records(tmp_path)) == 3
+
+
 def test_metrics_log_drops_lines_past_the_checkpoint_on_resume(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 8)))
