@@ -73,12 +73,17 @@ def first_grads(layout, config=CONFIG):
     params = sharding.init_params(config, SEED, layout)
     batch = next(batches(config))
     n = float(train.count_tokens(batch))
-    loss_sum = sharding.make_loss_sum_fn(layout)
+    reducer = parallel.GradReducer(layout, bucket_bytes=4096)  # small buckets: several per backward
+    launched = []
+    launch = reducer._launch
+    reducer._launch = lambda bucket: (launched.append(bucket), launch(bucket))
+    loss_sum = sharding.make_loss_sum_fn(layout, reducer=reducer)
     vg = value_and_grad(lambda p, b: loss_sum(p, b, config)[0] / n)
     with layout.activate():
         _, grads = vg(params, sharding.local_batch(batch, layout))
-        grads = parallel.reduce_gradients(grads, layout)
-    return parallel.gather(grads)
+        during_backward = len(launched)  # buckets whose reduction started before backward ended
+        grads = reducer.finish(grads)
+    return parallel.gather(grads), during_backward
 
 
 def describe(state) -> dict:
@@ -103,7 +108,7 @@ def parse(text):
 def main(argv):
     trivial = parallel.Layout(parallel.mesh.trivial_mesh(), sharding.RULES)
     ref_losses, ref_params, _ = run(trivial)
-    ref_grads = first_grads(trivial)
+    ref_grads, _ = first_grads(trivial)
     for text in argv:
         spec, zero, sp, offload, micro, opts = parse(text)
         mesh = parallel.make_mesh(spec)
@@ -121,12 +126,13 @@ def main(argv):
         losses, params, state = run(layout, micro=micro, offload=offload)
         diff = max((a - b).abs().max().item() for a, b in
                    zip(parallel.tree.leaves(ref_params), parallel.tree.leaves(params)))
-        grads = first_grads(layout)
+        grads, buckets = first_grads(layout)
         grad_diff = max(((a - b).abs().max() / a.abs().max().clamp(min=1e-12)).item() for a, b in
                         zip(parallel.tree.leaves(ref_grads), parallel.tree.leaves(grads)))
         if mesh.rank == 0:
             print("RESULT " + json.dumps({"layout": text, "losses": losses, "ref": ref_losses,
                                           "param_diff": diff, "grad_rel_diff": grad_diff,
+                                          "buckets_during_backward": buckets,
                                           "placements": describe(state),
                                           "seconds": time.time() - t0}), flush=True)
 

@@ -177,6 +177,10 @@ def check_layouts(records: list[dict], expected: dict) -> None:
             assert abs(got - want) <= 1e-4 * abs(want), (r["layout"], r["losses"], r["ref"])
         if r["grad_rel_diff"] is not None:  # (pipelines are checked through their losses)
             assert r["grad_rel_diff"] < 1e-5, r
+        axes = [part.split("=")[0] for part in r["layout"].split(";")[0].split(",")]
+        if "dp" in axes and not {"pp", "fsdp"} & set(axes) and "zero=3" not in r["layout"]:
+            # replicated parameters: gradient buckets were reduced while backward still ran
+            assert r["buckets_during_backward"] > 0, r
         assert (r["placements"]["param"], r["placements"]["moment"]) == expected[r["layout"]], r
 
 
