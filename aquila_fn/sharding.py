@@ -23,7 +23,7 @@ import parallel
 from aquila_fn import model, train
 from aquila_fn.config import ModelConfig
 from parallel.grads import GradReducer
-from parallel.layout import Layout, data_rank, local_rows, local_value, shard_batch
+from parallel.layout import Layout, local_rows, local_value, shard_batch
 from parallel.zero import compute_view
 
 # Megatron tensor parallelism: column-split q/k/v and gate/up (dim 0 = output features over
@@ -79,6 +79,7 @@ class _StepContext:
     """What the loss needs to know about the whole step (set before train.py's step runs)."""
 
     factor: float = 1.0           # n_local / n_global: turns train.py's local weights global
+    n_global: int = 0             # tokens the loss counts in the whole (global) batch
     raw_sums: list = field(default_factory=list)
 
 
@@ -154,10 +155,6 @@ def make_train_step(config: ModelConfig, optimizer, layout: Layout, *, micro_bat
             return inner(state, batch)
 
     return step
-
-
-def rank_of_data(layout: Layout) -> int:
-    return data_rank(layout)
 
 
 # ----------------------------------------------------------------------------- planning

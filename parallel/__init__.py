@@ -1,6 +1,18 @@
 """A small device-mesh library on torch.distributed DeviceMesh + DTensor: named mesh axes,
 sharding rules over pytree paths, shard/gather of pytrees, activation constraints, gradient
-reduction, ZeRO optimizer sharding. It knows nothing of any particular model."""
+reduction, ZeRO optimizer sharding (and offload), pipeline stages, a planner, and failing loudly.
+It knows nothing of any particular model.
+
+    mesh.py      make_mesh("dp=2,tp=2") from the torchrun environment
+    rules.py     (regex on leaf path, spec over mesh axes) tables; first match wins
+    layout.py    Layout, shard / gather / constrain / shard_batch / materialize / shard_like
+    grads.py     GradReducer: bucketed asynchronous reduction during backward
+    zero.py      compute_view (ZeRO-3 gather with prefetch), distributed_optimizer (ZeRO 1-3, offload)
+    pipeline.py  functional stages on torch.distributed.pipelining (GPipe, 1F1B, interleaved)
+    meter.py     collectives and live memory, observed (real or meta tensors)
+    plan.py      python -m parallel.plan: per-rank memory and traffic without allocating
+    faults.py    guard and Watchdog: a dead or stalled rank becomes an error, not a hang
+"""
 
 from parallel import tree
 from parallel.grads import GradReducer, reduce_gradients

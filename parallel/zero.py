@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from parallel.layout import Layout, is_dtensor, place
-from parallel.tree import leaves, map_with_path, named_leaves, structure, unflatten
+from parallel.tree import leaves, map_with_path, named_leaves
 
 # ---------------------------------------------------------------------- stage 3: gather to compute
 
@@ -236,7 +236,3 @@ def distributed_optimizer(inner, layout: Layout, *, max_grad_norm: float | None 
         return updates, _rewrap(new_state, index)
 
     return inner._replace(init=init, update=update, apply_=apply_)
-
-
-def tree_like(template: Any, values: list) -> Any:
-    return unflatten(structure(template), values)
