@@ -15,6 +15,12 @@ def _batch(b=8, s=16, seed=0, ignore_rows=None):
     return {"input_ids": x[:, :-1].contiguous(), "labels": labels}
 
 
+def _make_step(opt, **kwargs):
+    # Reference kernels: these tests are about the step's logic, and the fast paths' lazy
+    # compilation would dominate their run time.
+    return train.make_train_step(CFG, opt, impl="reference", **kwargs)
+
+
 def _state(precision="fp32", lr=1e-2, scaler=train.LossScaleConfig()):
     opt = optim.adamw(optim.constant(lr), weight_decay=0.1, max_grad_norm=1.0)
     state = train.init_train_state(init_params(CFG, 0), opt, precision=precision, loss_scale=scaler)
@@ -35,8 +41,8 @@ def test_micro_batches_are_token_weighted_like_one_batch():
             return grads, loss_sum, n_tokens
         return transform
 
-    one = train.make_train_step(CFG, opt, micro_batches=1, precision="fp32", grad_transform=capture(1))
-    four = train.make_train_step(CFG, opt, micro_batches=4, precision="fp32", grad_transform=capture(4))
+    one = _make_step(opt, micro_batches=1, precision="fp32", grad_transform=capture(1))
+    four = _make_step(opt, micro_batches=4, precision="fp32", grad_transform=capture(4))
     s1, m1 = one(train.clone_state(state), batch)
     s4, m4 = four(train.clone_state(state), batch)
     assert m1["n_tokens"] == m4["n_tokens"] == sum(counts)
@@ -63,7 +69,7 @@ def test_fp16_overflow_skips_the_step_and_halves_the_scale():
     scaler = train.LossScaleConfig(init_scale=1024.0, growth_interval=2)
     opt, state = _state("fp16", scaler=scaler)
     before = train.clone_state(state)
-    step = train.make_train_step(CFG, opt, precision="fp16", loss_scale=scaler,
+    step = _make_step(opt, precision="fp16", loss_scale=scaler,
                                  grad_transform=_inject_inf([]))
     batch = _batch(b=2)
     state, m = step(state, batch)
@@ -93,7 +99,7 @@ def test_fp16_scale_never_drops_below_min():
         pytree.leaves(grads)[0].view(-1)[0] = float("nan")
         return grads, loss_sum, n
 
-    step = train.make_train_step(CFG, opt, precision="fp16", loss_scale=scaler,
+    step = _make_step(opt, precision="fp16", loss_scale=scaler,
                                  grad_transform=always_inf)
     for _ in range(3):
         state, m = step(state, _batch(b=2))
@@ -105,8 +111,8 @@ def test_fp16_training_matches_fp32_closely_and_unscales_gradients():
     batch = _batch(b=4)
     opt, s32 = _state("fp32")
     _, s16 = _state("fp16")
-    _, m32 = train.make_train_step(CFG, opt, precision="fp32")(s32, batch)
-    _, m16 = train.make_train_step(CFG, opt, precision="fp16")(s16, batch)
+    _, m32 = _make_step(opt, precision="fp32")(s32, batch)
+    _, m16 = _make_step(opt, precision="fp16")(s16, batch)
     assert m16["skipped"] == 0 and m16["loss_scale"] == 2.0 ** 16
     assert m16["loss"] == pytest.approx(m32["loss"], rel=1e-2)
     assert m16["grad_norm"] == pytest.approx(m32["grad_norm"], rel=5e-2)
@@ -114,7 +120,7 @@ def test_fp16_training_matches_fp32_closely_and_unscales_gradients():
 
 def test_bf16_keeps_fp32_master_weights_and_learns():
     opt, state = _state("bf16", lr=3e-3)
-    step = train.make_train_step(CFG, opt, precision="bf16", micro_batches=2)
+    step = _make_step(opt, precision="bf16", micro_batches=2)
     batch = _batch(b=4)
     losses = []
     for _ in range(8):
@@ -129,8 +135,8 @@ def test_bf16_keeps_fp32_master_weights_and_learns():
 def test_recompute_policies_give_the_same_gradients(policy):
     batch = _batch(b=2)
     opt, state = _state()
-    _, ref = train.make_train_step(CFG, opt, precision="fp32")(train.clone_state(state), batch)
-    _, got = train.make_train_step(CFG, opt, precision="fp32", recompute=policy)(state, batch)
+    _, ref = _make_step(opt, precision="fp32")(train.clone_state(state), batch)
+    _, got = _make_step(opt, precision="fp32", recompute=policy)(state, batch)
     assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6)
     assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
 
@@ -162,7 +168,7 @@ def test_compiled_train_step_fullgraph_matches_eager():
 def test_metrics_and_state_layout():
     opt = optim.adamw(optim.warmup_linear(1e-3, 2, 10))
     state = train.init_train_state(init_params(CFG, 0), opt, precision="bf16")
-    step = train.make_train_step(CFG, opt, precision="bf16")
+    step = _make_step(opt, precision="bf16")
     state, m = step(state, _batch(b=2, ignore_rows={0: 4}))
     assert set(m) >= {"loss", "grad_norm", "lr", "n_tokens", "skipped", "loss_scale"}
     assert m["lr"] == pytest.approx(5e-4) and m["n_tokens"] == 2 * 16 - 4 and m["skipped"] == 0
@@ -174,7 +180,7 @@ def test_metrics_and_state_layout():
 def test_eval_loss_is_token_weighted():
     params = init_params(CFG, 0)
     a, b = _batch(b=2, seed=1, ignore_rows={0: 10}), _batch(b=2, seed=2)
-    eval_loss = train.make_eval_loss(CFG, precision="fp32")
+    eval_loss = train.make_eval_loss(CFG, precision="fp32", impl="reference")
     joined = {k: torch.cat([a[k], b[k]]) for k in a}
     assert eval_loss(params, [a, b]) == pytest.approx(eval_loss(params, [joined]), rel=1e-6)
 
@@ -185,7 +191,7 @@ def test_bad_inputs_raise_clear_errors():
         train.make_train_step(CFG, opt, precision="fp8")
     with pytest.raises(ValueError, match="recompute='some'"):
         train.make_train_step(CFG, opt, recompute="some")
-    step = train.make_train_step(CFG, opt, micro_batches=3, precision="fp32")
+    step = _make_step(opt, micro_batches=3, precision="fp32")
     with pytest.raises(ValueError, match="does not split into 3"):
         step(state, _batch(b=4))
 
