@@ -189,5 +189,6 @@ def test_every_two_process_layout_matches_one_process():
     check_layouts(results(torchrun("dist_layouts.py", 2, *layouts)), layouts)
 
 
+@pytest.mark.slow
 def test_combined_four_process_layouts_match_one_process():
     check_layouts(results(torchrun("dist_layouts.py", 4, *LAYOUTS_4)), LAYOUTS_4)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from dist_launch import ROOT, TESTS, results, torchrun
 
 from aquila_fn import checkpoint
@@ -20,6 +22,7 @@ def one_process(*args: str) -> dict:
     return results(proc)[0]
 
 
+@pytest.mark.slow
 def test_checkpoint_moves_between_meshes(tmp_path):
     a, b, c, d = (str(tmp_path / n) for n in "abcd")
     saved = results(torchrun("dist_checkpoint.py", 2, "train", "tp=2", a, "2"))[0]

@@ -32,6 +32,7 @@ def planned_and_measured():
     return dict(zip(CASES, zip(planned, measured)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_plan_matches_real_allocations_and_traffic(planned_and_measured, case):
     plan, real = planned_and_measured[case]

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # end-to-end runs of scripts/pretrain.py under torchrun
+
 from dist_launch import ROOT
 
 ARGS = ["--config", "tiny", "--model-overrides", "dim=64,n_layers=2,n_heads=4,n_kv_heads=2,ffn_dim=128",
