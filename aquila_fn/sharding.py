@@ -65,13 +65,13 @@ def local_batch(batch: dict, layout: Layout) -> dict:
 
 
 def ops_impl(layout: Layout, impl: str = "auto") -> str:
-    """Kernel choice under a mesh: DTensor has no sharding rule for the CPU flash-attention
-    kernel, and the chunked fused cross-entropy is a custom autograd function over plain
-    tensors; the reference ops are plain torch ops, which DTensor propagates (and the reference
-    cross-entropy under a tp axis is the vocabulary-parallel one)."""
+    """Kernel choice under a mesh: the reference ops. They are plain torch ops, which DTensor
+    propagates, and the reference cross-entropy under a tp axis is the vocabulary-parallel one;
+    the fast paths are not DTensor-aware (no sharding rule for the CPU flash-attention kernel,
+    the chunked fused cross-entropy is a custom autograd function over plain tensors)."""
     if layout.trivial or impl != "auto":
         return impl
-    return "reference" if layout.mesh.device == "cpu" else impl
+    return "reference"
 
 
 @dataclass
