@@ -22,6 +22,13 @@ from torch.utils.checkpoint import checkpoint
 import ops
 from aquila_fn import pytree
 from aquila_fn.config import ModelConfig
+from parallel import constrain
+
+# Activation layouts for `parallel.constrain` (the identity without an active mesh): the residual
+# stream is split over the sequence under sequence parallelism; the inputs of the
+# tensor-parallel matmuls hold the whole sequence. Both split the batch over the data axes.
+RESIDUAL = ("batch", "seq", None)
+FULL_SEQ = ("batch", None, None)
 
 Params = dict[str, Any]
 RECOMPUTE_POLICIES = ("none", "full", "selective")
@@ -186,10 +193,11 @@ def _mlp_block(p: Params, x: torch.Tensor, impl: str) -> torch.Tensor:
 
 def _layer(p: Params, h: torch.Tensor, cos, sin, config: ModelConfig, kv, slots, mask, impl: str,
            recompute_core: bool) -> torch.Tensor:
-    x = ops.rms_norm(h, p["attn_norm"], config.norm_eps, impl=impl)
-    h = h + _attention_block(p["attn"], x, cos, sin, config, kv, slots, mask, impl, recompute_core)
-    x = ops.rms_norm(h, p["mlp_norm"], config.norm_eps, impl=impl)
-    return h + _mlp_block(p["mlp"], x, impl)
+    x = constrain(ops.rms_norm(h, p["attn_norm"], config.norm_eps, impl=impl), FULL_SEQ)
+    attn = _attention_block(p["attn"], x, cos, sin, config, kv, slots, mask, impl, recompute_core)
+    h = h + constrain(attn, RESIDUAL)
+    x = constrain(ops.rms_norm(h, p["mlp_norm"], config.norm_eps, impl=impl), FULL_SEQ)
+    return h + constrain(_mlp_block(p["mlp"], x, impl), RESIDUAL)
 
 
 def _attention_mask(batch: int, q_len: int, k_len: int, start_pos, attn_mask, device) -> torch.Tensor | None:
@@ -231,7 +239,7 @@ def forward(params: Params, tokens: torch.Tensor, config: ModelConfig, *, cache:
     b, s = tokens.shape
     device = tokens.device
     dtype = compute_dtype or params["embed"].dtype
-    h = F.embedding(tokens, params["embed"]).to(dtype)
+    h = constrain(F.embedding(tokens, params["embed"]), RESIDUAL).to(dtype)
 
     if positions is None:
         positions = start_pos + torch.arange(s, device=device)
@@ -250,7 +258,7 @@ def forward(params: Params, tokens: torch.Tensor, config: ModelConfig, *, cache:
         else:
             h = _layer(p, h, cos, sin, config, kv, slots, mask, impl, recompute == "selective")
 
-    h = ops.rms_norm(h, params["norm"], config.norm_eps, impl=impl)
+    h = constrain(ops.rms_norm(h, params["norm"], config.norm_eps, impl=impl), FULL_SEQ)
     if return_hidden:
         return h, cache
     logits = _linear(h, head_weight(params)).float()
