@@ -69,7 +69,9 @@ def build(args):
     if args.quantize == "int8":
         from aquila_fn.quantize import quantize_params
         params = quantize_params(params)
-    decoder = Decoder(params, config, compile=args.compile, compute_dtype=dtype)
+    # Compiled CPU decoding is bandwidth-bound: huge pages speed up its sweep over the weights.
+    hugepages = args.compile and torch.device(args.device).type == "cpu"
+    decoder = Decoder(params, config, compile=args.compile, compute_dtype=dtype, hugepages=hugepages)
     return decoder, tok
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from aquila_fn import forward, get_config, init_params
-from aquila_fn.generate import (AQUILA_SYSTEM, Decoder, aquila_chat_prompt, completion_text, load_model)
+from aquila_fn.generate import (AQUILA_SYSTEM, Decoder, aquila_chat_prompt, completion_text,
+                                hugepage_params, load_model)
 from aquila_fn.sampling import SamplingParams
 
 
@@ -228,3 +229,12 @@ def test_load_model_three_formats(tmp_path, stories):
     assert bf16["embed"].dtype == torch.bfloat16
     with pytest.raises(FileNotFoundError):
         load_model(tmp_path / "nothing")
+
+
+def test_hugepage_params_same_values(params):
+    copy = hugepage_params(params)
+    from aquila_fn import named_leaves
+    for (p, a), (q, b) in zip(named_leaves(params), named_leaves(copy)):
+        assert p == q and torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+    d1, d2 = Decoder(params, CONFIG), Decoder(params, CONFIG, hugepages=True)
+    assert d1.generate(PROMPTS, max_new_tokens=5)[2].tokens == d2.generate(PROMPTS, max_new_tokens=5)[2].tokens
