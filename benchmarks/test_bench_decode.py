@@ -11,9 +11,10 @@ bandwidth measured here by a 256 MiB copy (read + write bytes).
 
 The machine is shared: other processes take cores and memory bandwidth at random moments. So
 every round is preceded (untimed by pytest-benchmark, timed here) by a bandwidth probe and, for
-fp32, one transformers `generate`; rounds alternate, and each quantity is reported both as its
-median and as its best round, the least disturbed estimate (timeit's estimator). The fp32 test
-asserts at least 2.5x transformers on best rounds.
+fp32, one transformers `generate` and its prompt forward (subtracted to get its decode rate);
+rounds alternate, and each quantity is reported both as its median and as its best round, the
+least disturbed estimate (timeit's estimator). The fp32 test asserts a decode rate at least 2.5x
+transformers' on best rounds, and also reports end-to-end and CPU-time ratios.
 
 Threads: 1 by default, the same for both sides, or AQUILA_BENCH_THREADS. On the shared 2-core
 development machine other processes keep it oversubscribed, and then every OpenMP barrier (dozens
@@ -75,6 +76,13 @@ def hf_model(model):
     return m
 
 
+def hf_prefill(m) -> None:
+    """The prompt's forward pass, as `generate` runs it first (timed to separate its decode rate)."""
+    ids = torch.tensor(PROMPT)
+    with torch.no_grad():
+        m(ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
+
+
 def hf_generate(m) -> None:
     ids = torch.tensor(PROMPT)
     with torch.no_grad():
@@ -95,6 +103,7 @@ class Run:
         self.copy_buffers, self.hf = copy_buffers, hf
         self.bandwidths, self.hf_times, self.decode_rates = [], [], []
         self.hf_cpu, self.cpu = [], []  # thread CPU seconds per round: immune to time slicing
+        self.hf_prefill = []
 
     def setup(self):  # pytest-benchmark calls this untimed before each round
         self.bandwidths.append(copy_bandwidth(*self.copy_buffers))
@@ -103,6 +112,9 @@ class Run:
             hf_generate(self.hf)
             self.hf_times.append(time.perf_counter() - t)
             self.hf_cpu.append(time.thread_time() - c)
+            t = time.perf_counter()
+            hf_prefill(self.hf)
+            self.hf_prefill.append(time.perf_counter() - t)
 
     def round(self):
         c = time.thread_time()
@@ -151,22 +163,30 @@ def test_decode_fp32_vs_transformers(benchmark, model, hf_model, copy_buffers):
     run.measure(benchmark)
     if benchmark.disabled:
         return
-    run.report(benchmark, "fp32")
+    info = run.report(benchmark, "fp32")
     ours = benchmark.stats.stats
     hf_median, hf_best = statistics.median(run.hf_times), min(run.hf_times)
-    speedup_median, speedup_best = hf_median / ours.median, hf_best / ours.min
-    speedup_cpu = statistics.median(run.hf_cpu) / statistics.median(run.cpu)
+    # transformers' decode rate: its generate time less its prompt forward, over the same 63 steps.
+    steps = NEW_TOKENS - 1
+    hf_decode = [steps / (t - p) for t, p in zip(run.hf_times, run.hf_prefill)]
+    ratios = {
+        "end_to_end_median": hf_median / ours.median,
+        "end_to_end_best": hf_best / ours.min,
+        "decode_median": info["decode_tokens_per_s_median"] / statistics.median(hf_decode),
+        "decode_best": info["decode_tokens_per_s_best"] / max(hf_decode),
+        "cpu_time": statistics.median(run.hf_cpu) / statistics.median(run.cpu),
+    }
     benchmark.extra_info.update({
-        "speedup_vs_transformers_cpu_time": round(speedup_cpu, 2),
         "transformers_tokens_per_s_median": round(NEW_TOKENS / hf_median, 1),
-        "transformers_tokens_per_s_best": round(NEW_TOKENS / hf_best, 1),
-        "speedup_vs_transformers_median": round(speedup_median, 2),
-        "speedup_vs_transformers_best": round(speedup_best, 2),
+        "transformers_decode_tokens_per_s_median": round(statistics.median(hf_decode), 1),
+        **{f"speedup_vs_transformers_{k}": round(v, 2) for k, v in ratios.items()},
     })
-    print(f"[fp32] transformers generate {NEW_TOKENS / hf_median:.1f} tok/s (best {NEW_TOKENS / hf_best:.1f})"
-          f" -> aquila_fn is {speedup_median:.2f}x on medians, {speedup_best:.2f}x on best rounds, "
-          f"{speedup_cpu:.2f}x in CPU time")
-    assert speedup_best >= MIN_SPEEDUP, f"{speedup_best:.2f}x transformers' generate, want >= {MIN_SPEEDUP}x"
+    print(f"[fp32] transformers generate {NEW_TOKENS / hf_median:.1f} tok/s end to end, "
+          f"{statistics.median(hf_decode):.1f} tok/s decode -> aquila_fn is "
+          + ", ".join(f"{v:.2f}x ({k.replace('_', ' ')})" for k, v in ratios.items()))
+    # The target is on decoding, each side's best round (timeit's estimator on a shared machine).
+    assert ratios["decode_best"] >= MIN_SPEEDUP, \
+        f"decode {ratios['decode_best']:.2f}x transformers, want >= {MIN_SPEEDUP}x"
 
 
 @pytest.mark.parametrize("variant", ["bf16", "int8"])

@@ -88,6 +88,18 @@ def test_greedy_matches_transformers_generate(hf_dir):
     assert out.tokens == ref[0, len(PROMPT):].tolist()
 
 
+def test_greedy_with_repetition_penalty_matches_transformers(hf_dir):
+    directory, model = hf_dir
+    config, params = load_hf(directory)
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([PROMPT]), max_new_tokens=20, do_sample=False,
+                             repetition_penalty=1.5, eos_token_id=None, pad_token_id=0)
+    from aquila_fn.sampling import SamplingParams
+    [out] = Decoder(params, config).generate([PROMPT], max_new_tokens=20,
+                                            sampling=SamplingParams(repetition_penalty=1.5))
+    assert out.tokens == ref[0, len(PROMPT):].tolist()
+
+
 def _eos_from_greedy(model, step):
     """A token greedy decoding emits at `step`, used as EOS so that beams end at different times."""
     with torch.no_grad():
