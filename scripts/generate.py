@@ -51,6 +51,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quantize", choices=["int8"], help="weight-only int8 (per-channel scales)")
     p.add_argument("--compile", action="store_true", help="compile prefill and decode step (torch.compile)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's); 1 on an oversubscribed machine")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
@@ -203,6 +204,8 @@ def complete_chat(args, decoder, tok, prompt: str, stops, out: TextIO, err: Text
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.generator = torch.Generator().manual_seed(args.seed)  # one stream for the whole session
     decoder, tok = build(args)
     with torch.no_grad():
