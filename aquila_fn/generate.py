@@ -692,9 +692,12 @@ def load_model(path: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.dtype | 
 
 
 def _load_native(path: Path, tokenizer):
-    """A native checkpoint (a run directory, a step directory or a rank file); its metadata must
-    hold the config, and may name the tokenizer the run used."""
-    from aquila_fn.checkpoint import load_checkpoint
+    """A native checkpoint (a pretrain.py output directory, a run directory, a step directory or a
+    rank file; the newest checkpoint is taken); its metadata must hold the config, and may name
+    the tokenizer the run used."""
+    from aquila_fn.checkpoint import load_checkpoint, latest_checkpoint
+    if path.is_dir() and latest_checkpoint(path / "checkpoints"):  # a pretrain.py output directory
+        path = path / "checkpoints"
     state, metadata = load_checkpoint(path)
     if "config" not in metadata:
         raise ValueError(f"checkpoint {path} has no model config in its metadata")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from aquila_fn import forward, get_config, init_params
-from aquila_fn.generate import (AQUILA_SYSTEM, Decoder, aquila_chat_prompt, completion_text,
+from aquila_fn.generate import (ASSETS, AQUILA_SYSTEM, Decoder, aquila_chat_prompt, completion_text,
                                 hugepage_params, load_model)
 from aquila_fn.sampling import SamplingParams
 
@@ -218,9 +218,13 @@ def test_load_model_three_formats(tmp_path, stories):
     assert tok is not None and config.dim == 64
     save_hf(tmp_path / "hf", config, params)
     save_checkpoint(tmp_path / "native", {"params": params}, step=1, metadata={"config": config.to_dict()})
+    save_checkpoint(tmp_path / "run" / "checkpoints", {"params": params, "step": torch.tensor(2)}, step=2,
+                    metadata={"config": config.to_dict(), "args": {"tokenizer": str(ASSETS / "tok512.model")}})
+    _, _, run_tok = load_model(tmp_path / "run")  # pretrain.py's --out: the tokenizer it recorded
+    assert run_tok is not None and run_tok.vocab_size == 512
     x = torch.tensor([tok.encode("Once upon a time", bos=True)])
     ref, _ = forward(params, x, config)
-    for path in (tmp_path / "hf", tmp_path / "native"):
+    for path in (tmp_path / "hf", tmp_path / "native", tmp_path / "run"):
         config2, params2, _ = load_model(path)
         assert config2.dim == config.dim and config2.tie_embeddings
         out, _ = forward(params2, x, config2)
