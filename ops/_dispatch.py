@@ -61,8 +61,9 @@ class LazyCompiled:
     """torch.compile(fn) built on first use; if compilation fails (no C++ compiler, an
     unsupported platform) it warns once and runs fn eagerly from then on."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, **compile_kwargs):
         self.fn = fn
+        self.compile_kwargs = compile_kwargs
         self.compiled = None
         self.broken = False
         functools.update_wrapper(self, fn)
@@ -71,7 +72,7 @@ class LazyCompiled:
         if self.broken or is_compiling():
             return self.fn(*args, **kwargs)
         if self.compiled is None:
-            self.compiled = torch.compile(self.fn)
+            self.compiled = torch.compile(self.fn, **self.compile_kwargs)
         try:
             return self.compiled(*args, **kwargs)
         except Exception as e:  # noqa: BLE001

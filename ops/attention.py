@@ -63,6 +63,28 @@ def attention_sdpa(q, k, v, *, causal=True, mask=None, scale=None):
     return out.transpose(1, 2)
 
 
+def attention_decode(q, k, v, *, mask=None, scale=None):
+    """One query per sequence against a KV cache: grouped matmuls over views of the cache
+    (no repeat of K/V per query head, no layout copies), softmax in fp32. On CPU this beats
+    SDPA, whose flash kernel is tuned for long query blocks (and is slow in bf16 here)."""
+    b, sq, h, d = q.shape
+    sk, kv = k.shape[1], k.shape[2]
+    g = h // kv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qg = q.reshape(b, sq, kv, g, d).permute(0, 2, 3, 1, 4).reshape(b, kv, g * sq, d)
+    scores = torch.matmul(qg.to(acc), k.permute(0, 2, 3, 1).to(acc)) * scale  # [B, KV, G, Sk]
+    keep = None
+    if mask is not None:
+        keep = torch.broadcast_to(mask, (b, h, sq, sk)).reshape(b, kv, g * sq, sk)
+        scores = scores.masked_fill(~keep, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if keep is not None:
+        probs = probs.masked_fill(~keep, 0.0)  # rows with no key: zeros, as in the reference
+    out = torch.matmul(probs, v.permute(0, 2, 1, 3).to(acc))                  # [B, KV, G, d]
+    return out.reshape(b, kv, g, sq, d).permute(0, 3, 1, 2, 4).reshape(b, sq, h, d).to(q.dtype)
+
+
 _npu_causal_masks: dict = {}
 
 
@@ -109,8 +131,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     (Sq = 1) against a KV cache sees every key. mask: optional bool, broadcastable to
     [B, H, Sq, Sk], True = may attend (e.g. [B, 1, 1, Sk] for padding). scale defaults to
     1/sqrt(hd). Rows with no visible key give zeros (reference, fused).
-    impl: "reference" (plain math), "fused" (SDPA), "npu" (npu_fusion_attention),
-    "auto" (npu on NPU, else SDPA).
+    impl: "reference" (plain math), "fused" (SDPA; the grouped decode kernel when Sq = 1),
+    "npu" (npu_fusion_attention), "auto" (npu on NPU, else fused).
     """
     check_impl(impl)
     if q.shape[2] % k.shape[2]:
@@ -119,4 +141,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         return attention_npu(q, k, v, causal=causal, mask=mask, scale=scale)
     if impl == "reference":
         return attention_reference(q, k, v, causal=causal, mask=mask, scale=scale)
+    if q.shape[1] == 1:  # causal is moot: the one query sits after every key
+        return attention_decode(q, k, v, mask=mask, scale=scale)
     return attention_sdpa(q, k, v, causal=causal, mask=mask, scale=scale)

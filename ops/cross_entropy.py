@@ -11,11 +11,12 @@ import torch.nn.functional as F
 
 from ._dispatch import LazyCompiled, check_impl
 
-# fp32 logits per chunk: 2**26 elements = 256 MiB (671 tokens at V = 100,008), where fp32
-# matmuls reach full speed. 16-bit weights get half: they also keep a 16-bit copy of the
-# chunk and a [V, D] partial product for the fp32 accumulation of the weight gradient.
-CHUNK_LOGITS = {torch.float32: 1 << 26}
-CHUNK_LOGITS_LOW_PRECISION = 1 << 25
+# Logits per chunk: 2**26 elements (671 tokens at V = 100,008; 256 MiB in fp32, 128 MiB in
+# bf16), enough rows for the matmuls to reach full speed.
+CHUNK_LOGITS = 1 << 26
+# Chunks at least this large go through the compiled softmax kernels; smaller ones (tests,
+# tiny models) run the same math eagerly rather than pay for compilation.
+MIN_COMPILED_LOGITS = 1 << 20
 
 
 def cross_entropy_reference(hidden, weight, labels, ignore_index=-100):
@@ -24,55 +25,47 @@ def cross_entropy_reference(hidden, weight, labels, ignore_index=-100):
     return loss, (labels != ignore_index).sum()
 
 
-def default_chunk_size(vocab: int, dtype: torch.dtype = torch.float32) -> int:
-    budget = CHUNK_LOGITS.get(dtype, CHUNK_LOGITS_LOW_PRECISION)
-    return max(16, budget // max(vocab, 1))
+def default_chunk_size(vocab: int) -> int:
+    return max(16, CHUNK_LOGITS // max(vocab, 1))
 
 
-class _Scratch:
-    """Buffers reused by every chunk: a fresh 64 MiB tensor per chunk costs more in page
-    faults than the arithmetic done on it (CPU), and the allocator churns (CUDA)."""
-
-    def __init__(self, chunk, weight, need_dw):
-        v, low = weight.shape[0], weight.dtype != torch.float32
-        self.logits = torch.empty(chunk, v, dtype=torch.float32, device=weight.device)
-        self.low = torch.empty(chunk, v, dtype=weight.dtype, device=weight.device) if low else None
-        self.dw_part = torch.empty_like(weight) if (need_dw and low) else None
-
-
-def _chunk_softmax(h, weight, labels, valid, scratch):
-    """Per-token losses of one chunk; leaves exp(logits - max) (fp32 [c, V]) in
-    scratch.logits and returns its row sums."""
-    c = h.shape[0]
-    logits = scratch.logits[:c]
-    if scratch.low is None:
-        torch.mm(h, weight.t(), out=logits)
-    else:  # matmul in the input dtype (as the reference does), softmax in fp32
-        logits.copy_(torch.mm(h, weight.t(), out=scratch.low[:c]))
+def _softmax_stats(z, labels, valid):
+    """(per-token loss in fp32, logsumexp [c, 1], safe labels, z in the softmax dtype)."""
+    zf = z.to(torch.promote_types(z.dtype, torch.float32))  # softmax in fp32 (fp64 stays)
     safe = torch.where(valid, labels, 0)
-    target = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
-    top = logits.amax(1, keepdim=True)
-    total = logits.sub_(top).exp_().sum(1, keepdim=True)
-    loss = torch.where(valid, (top + total.log()).squeeze(1) - target, 0.0)
-    return loss, total, safe
+    target = zf.gather(1, safe.unsqueeze(1)).squeeze(1)
+    top = zf.amax(1, keepdim=True)
+    lse = top + (zf - top).exp().sum(1, keepdim=True).log()
+    loss = torch.where(valid, lse.squeeze(1) - target, 0.0).float()
+    return loss, lse, safe, zf
 
 
-def _chunk_grads(h, weight, valid, safe, total, scratch, dh, dw):
-    """d loss_sum / d logits = softmax - onehot(label) on valid rows, built in place, then
-    pushed through the projection into dh (this chunk's rows) and dw (accumulated)."""
-    c = h.shape[0]
-    g = scratch.logits[:c]
-    keep = valid.to(g.dtype).unsqueeze(1)
-    g.mul_(keep / total)
-    g[torch.arange(c, device=g.device), safe] -= keep.squeeze(1)
-    if scratch.low is not None:
-        g = scratch.low[:c].copy_(g)
-    if dh is not None:
-        torch.mm(g, weight, out=dh)
-    if dw is not None and scratch.dw_part is None:
-        dw.addmm_(g.t(), h)
-    elif dw is not None:  # low-precision matmul, fp32 accumulation over chunks
-        _accumulate(dw, torch.mm(g.t(), h, out=scratch.dw_part))
+def _softmax_loss_eager(z, labels, valid):
+    return _softmax_stats(z, labels, valid)[0]
+
+
+def _softmax_grad_eager_(z, labels, valid):
+    """Per-token losses; overwrites z with d loss_sum / d z = softmax - onehot(label), zero
+    on ignored rows. exp(z - lse) is recomputed rather than shared with the sum, so the
+    compiled kernel keeps no [c, V] intermediate: one pass for statistics, one for z."""
+    loss, lse, safe, zf = _softmax_stats(z, labels, valid)
+    onehot = torch.arange(z.shape[1], device=z.device).unsqueeze(0) == safe.unsqueeze(1)
+    z.copy_(torch.where(valid.unsqueeze(1), (zf - lse).exp() - onehot.to(zf.dtype), 0.0))
+    return loss
+
+
+_softmax_loss_compiled = LazyCompiled(_softmax_loss_eager, dynamic=False)
+_softmax_grad_compiled_ = LazyCompiled(_softmax_grad_eager_, dynamic=False)
+
+
+def _softmax_loss(z, labels, valid):
+    big = z.numel() >= MIN_COMPILED_LOGITS
+    return (_softmax_loss_compiled if big else _softmax_loss_eager)(z, labels, valid)
+
+
+def _softmax_grad_(z, labels, valid):
+    big = z.numel() >= MIN_COMPILED_LOGITS
+    return (_softmax_grad_compiled_ if big else _softmax_grad_eager_)(z, labels, valid)
 
 
 def _accumulate_eager(dst, src):
@@ -81,7 +74,37 @@ def _accumulate_eager(dst, src):
 
 # Eager mixed-dtype add_ converts all of src into a temporary first (two passes and a
 # [V, D] fp32 copy); the compiled kernel converts on the fly: ~10x faster on CPU.
-_accumulate = LazyCompiled(_accumulate_eager)
+_accumulate_compiled = LazyCompiled(_accumulate_eager)
+
+
+def _accumulate(dst, src):
+    big = src.numel() >= MIN_COMPILED_LOGITS
+    return (_accumulate_compiled if big else _accumulate_eager)(dst, src)
+
+
+class _Scratch:
+    """Buffers reused by every chunk: a fresh chunk-sized tensor costs more in page faults
+    than the arithmetic done on it (CPU), and churns the caching allocator (CUDA)."""
+
+    def __init__(self, chunk, weight, need_dw):
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        self.logits = torch.empty(chunk, weight.shape[0], dtype=weight.dtype, device=weight.device)
+        # 16-bit weights: the weight gradient is accumulated in fp32 from 16-bit products
+        self.dw_part = torch.empty_like(weight) if (need_dw and weight.dtype != acc) else None
+
+
+def _chunk_logits(h, weight, scratch):
+    return torch.mm(h, weight.t(), out=scratch.logits[:h.shape[0]])
+
+
+def _chunk_backprop(g, h, weight, scratch, dh, dw):
+    """Push one chunk's logit gradients g through the projection: dh rows, dw accumulated."""
+    if dh is not None:
+        torch.mm(g, weight, out=dh)
+    if dw is not None and scratch.dw_part is None:
+        dw.addmm_(g.t(), h)
+    elif dw is not None:  # matmul in the weight's dtype (as the reference), sum in fp32
+        _accumulate(dw, torch.mm(g.t(), h, out=scratch.dw_part))
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -90,14 +113,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         scratch = _Scratch(min(chunk, hidden.shape[0]), weight, need_dw)
         loss = hidden.new_zeros((), dtype=torch.float32)
         dh = torch.empty_like(hidden) if need_dh else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        dw = torch.zeros_like(weight, dtype=acc) if need_dw else None
         for start in range(0, hidden.shape[0], chunk):
             h, lab = hidden[start:start + chunk], labels[start:start + chunk]
-            valid = lab != ignore_index
-            tok_loss, total, safe = _chunk_softmax(h, weight, lab, valid, scratch)
-            loss += tok_loss.sum()
-            _chunk_grads(h, weight, valid, safe, total, scratch,
-                         dh[start:start + chunk] if need_dh else None, dw)
+            z = _chunk_logits(h, weight, scratch)
+            loss += _softmax_grad_(z, lab, lab != ignore_index).sum()
+            _chunk_backprop(z, h, weight, scratch, dh[start:start + chunk] if need_dh else None, dw)
         if need_dw and scratch.dw_part is not None:  # cast into the buffer: no extra copy
             dw = scratch.dw_part.copy_(dw)
         # Kept on ctx, not save_for_backward: backward scales them in place, so the loss's
@@ -124,14 +146,13 @@ def _chunked_loss_only(hidden, weight, labels, ignore_index, chunk):
     scratch = _Scratch(min(chunk, hidden.shape[0]), weight, need_dw=False)
     loss = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk):
-        lab = labels[start:start + chunk]
-        loss += _chunk_softmax(hidden[start:start + chunk], weight, lab, lab != ignore_index,
-                               scratch)[0].sum()
+        h, lab = hidden[start:start + chunk], labels[start:start + chunk]
+        loss += _softmax_loss(_chunk_logits(h, weight, scratch), lab, lab != ignore_index).sum()
     return loss
 
 
 def cross_entropy_fused(hidden, weight, labels, ignore_index=-100, chunk_size=None):
-    chunk = chunk_size or default_chunk_size(weight.shape[0], weight.dtype)
+    chunk = chunk_size or default_chunk_size(weight.shape[0])
     need_dh = hidden.requires_grad and torch.is_grad_enabled()
     need_dw = weight.requires_grad and torch.is_grad_enabled()
     if need_dh or need_dw:
@@ -150,8 +171,9 @@ def cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     hidden [N, D], weight [V, D] (like nn.Linear / lm_head), labels [N] long.
     Returns (loss_sum fp32 scalar, n_tokens long scalar); labels equal to ignore_index add
     nothing to either. impl: "reference" (full [N, V] fp32 logits and F.cross_entropy),
-    "fused" (chunks of chunk_size tokens, by default 256 MiB of fp32 logits, 128 MiB for
-    16-bit weights; exact gradients computed in the same pass; backward may run once),
+    "fused" (chunks of chunk_size tokens, by default 2**26 logits at a time, with the
+    softmax and its gradient in one compiled kernel per chunk; exact gradients computed in
+    the same pass, so backward only scales them and may run once),
     "npu" and "auto" (the fused path, on every device).
     """
     check_impl(impl)

@@ -11,7 +11,7 @@ import torch
 
 import ops
 from ops._dispatch import MIN_FUSED_NUMEL, resolve_elementwise
-from ops.cross_entropy import CHUNK_LOGITS, CHUNK_LOGITS_LOW_PRECISION, default_chunk_size
+from ops.cross_entropy import CHUNK_LOGITS, MIN_COMPILED_LOGITS, default_chunk_size
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 GRAD_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=5e-2, rtol=5e-2)}
@@ -142,6 +142,17 @@ def test_attention_padding_mask_and_scale(dtype):
     assert torch.all(out[0, :4] == 0)  # rows with no visible key are zeros
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_decode_with_cache_mask(dtype):
+    q, k, v = _qkv(1, 23, 8, 2, dtype)
+    keep = torch.ones(2, 1, 1, 23, dtype=torch.bool)
+    keep[0, ..., 17:] = False  # unwritten cache slots
+    keep[1, ..., :5] = False   # left padding
+    _compare(ops.attention, (q, k, v), dtype, "fused", mask=keep, causal=False)
+    per_head = torch.rand(2, 8, 1, 23) > 0.3  # a mask with a head dim
+    _compare(ops.attention, (q, k, v), dtype, "fused", mask=per_head, causal=False)
+
+
 def test_attention_reference_is_softmax_attention():
     q, k, v = _qkv(3, 5, 2, 1, torch.float32, b=1, hd=4)
     out = ops.attention(q, k, v, causal=True, impl="reference")
@@ -202,9 +213,26 @@ def test_cross_entropy_all_ignored_and_no_grad():
 
 
 def test_cross_entropy_default_chunk_bounds_logits():
-    assert default_chunk_size(100_008) * 100_008 <= CHUNK_LOGITS[torch.float32]
-    assert default_chunk_size(100_008, torch.bfloat16) * 100_008 <= CHUNK_LOGITS_LOW_PRECISION
+    assert default_chunk_size(100_008) * 100_008 <= CHUNK_LOGITS
     assert default_chunk_size(10) >= 16
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy_compiled_chunks_match_reference(dtype):
+    """Chunks of >= MIN_COMPILED_LOGITS logits take the compiled softmax kernels."""
+    vocab, chunk = 4096, MIN_COMPILED_LOGITS // 4096
+    hidden, weight, labels = _ce_inputs(chunk + 37, vocab, 32, dtype)  # one compiled, one eager
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss_r, _ = ops.cross_entropy(h1, w1, labels, impl="reference")
+    loss_f, _ = ops.cross_entropy(h2, w2, labels, chunk_size=chunk, impl="fused")
+    _close(loss_f, loss_r, dict(atol=1e-3, rtol=1e-5) if dtype == torch.float32 else TOL[dtype])
+    for a, b in zip(torch.autograd.grad(loss_f, (h2, w2)), torch.autograd.grad(loss_r, (h1, w1))):
+        _close(a, b, GRAD_TOL[dtype])
+    if dtype == torch.float32:
+        with torch.no_grad():
+            _close(ops.cross_entropy(hidden, weight, labels, chunk_size=chunk)[0], loss_r,
+                   dict(atol=1e-3, rtol=1e-5))
 
 
 # ----------------------------------------------------------------------------- adamw
