@@ -10,6 +10,11 @@ import ops
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = ["fwd", "fwd+bwd"]
 FAST = {"rms_norm": "fused", "rotary": "fused", "swiglu": "fused", "attention": "fused"}
+# Causal flash attention skips the masked half of the scores, so at equal matmul speed its
+# forward is ~2x the plain-math reference: the target. Its backward recomputes the scores
+# (5 half-size matmuls against the reference's 4 full ones), which bounds fp32 forward +
+# backward near 1.7x; the bf16 reference is slower, so that case gets further.
+MIN_SPEEDUP = {("attention", "fwd"): 2.0, ("attention", "fwd+bwd"): 1.4}
 
 
 def _workload(op, dtype, mode, impl):
@@ -72,7 +77,7 @@ def test_bench_ops_reference(timed, op, dt, mode):
 @pytest.mark.parametrize("op,dt,mode", ELEMENTWISE, ids=[_case(*c) for c in ELEMENTWISE])
 def test_bench_ops_fast(timed, op, dt, mode):
     impl = FAST[op.split("_decode")[0]]
-    min_speedup = 2.0 if op == "attention" else 1.0
+    min_speedup = MIN_SPEEDUP.get((op, mode), 1.0)
     timed(_workload(op, DTYPES[dt], mode, impl), case=_case(op, dt, mode),
           rounds=_rounds(op, mode), reference=_workload(op, DTYPES[dt], mode, "reference"),
           min_speedup=min_speedup)

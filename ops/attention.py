@@ -36,9 +36,10 @@ def attention_reference(q, k, v, *, causal=True, mask=None, scale=None):
     """Plain math: matmul, mask, softmax in fp32, matmul. Fully masked rows give zeros."""
     h, kv, d = q.shape[2], k.shape[2], q.shape[3]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    qf = q.transpose(1, 2).float()                                  # [B, H, Sq, d]
-    kf = k.transpose(1, 2).float().repeat_interleave(h // kv, dim=1)
-    vf = v.transpose(1, 2).float().repeat_interleave(h // kv, dim=1)
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+    qf = q.transpose(1, 2).to(acc)                                  # [B, H, Sq, d]
+    kf = k.transpose(1, 2).to(acc).repeat_interleave(h // kv, dim=1)
+    vf = v.transpose(1, 2).to(acc).repeat_interleave(h // kv, dim=1)
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale         # [B, H, Sq, Sk]
     keep = _keep_mask(q.shape[1], k.shape[1], causal, mask, q.device)
     if keep is not None:

@@ -20,9 +20,14 @@ MIN_COMPILED_LOGITS = 1 << 20
 
 
 def cross_entropy_reference(hidden, weight, labels, ignore_index=-100):
-    logits = (hidden @ weight.t()).float()  # the full [N, V] fp32 logits
+    logits = (hidden @ weight.t()).to(_acc(weight.dtype))  # the full [N, V] fp32 logits
     loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
     return loss, (labels != ignore_index).sum()
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Softmax and loss dtype: fp32 (fp64 inputs keep fp64)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def default_chunk_size(vocab: int) -> int:
@@ -30,13 +35,13 @@ def default_chunk_size(vocab: int) -> int:
 
 
 def _softmax_stats(z, labels, valid):
-    """(per-token loss in fp32, logsumexp [c, 1], safe labels, z in the softmax dtype)."""
-    zf = z.to(torch.promote_types(z.dtype, torch.float32))  # softmax in fp32 (fp64 stays)
+    """(per-token loss, logsumexp [c, 1], safe labels, z), all in the softmax dtype."""
+    zf = z.to(_acc(z.dtype))
     safe = torch.where(valid, labels, 0)
     target = zf.gather(1, safe.unsqueeze(1)).squeeze(1)
     top = zf.amax(1, keepdim=True)
     lse = top + (zf - top).exp().sum(1, keepdim=True).log()
-    loss = torch.where(valid, lse.squeeze(1) - target, 0.0).float()
+    loss = torch.where(valid, lse.squeeze(1) - target, 0.0)
     return loss, lse, safe, zf
 
 
@@ -87,7 +92,7 @@ class _Scratch:
     than the arithmetic done on it (CPU), and churns the caching allocator (CUDA)."""
 
     def __init__(self, chunk, weight, need_dw):
-        acc = torch.promote_types(weight.dtype, torch.float32)
+        acc = _acc(weight.dtype)
         self.logits = torch.empty(chunk, weight.shape[0], dtype=weight.dtype, device=weight.device)
         # 16-bit weights: the weight gradient is accumulated in fp32 from 16-bit products
         self.dw_part = torch.empty_like(weight) if (need_dw and weight.dtype != acc) else None
@@ -111,10 +116,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, chunk, need_dh, need_dw):
         scratch = _Scratch(min(chunk, hidden.shape[0]), weight, need_dw)
-        loss = hidden.new_zeros((), dtype=torch.float32)
+        loss = hidden.new_zeros((), dtype=_acc(weight.dtype))
         dh = torch.empty_like(hidden) if need_dh else None
-        acc = torch.promote_types(weight.dtype, torch.float32)
-        dw = torch.zeros_like(weight, dtype=acc) if need_dw else None
+        dw = torch.zeros_like(weight, dtype=_acc(weight.dtype)) if need_dw else None
         for start in range(0, hidden.shape[0], chunk):
             h, lab = hidden[start:start + chunk], labels[start:start + chunk]
             z = _chunk_logits(h, weight, scratch)
@@ -144,7 +148,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 @torch.no_grad()
 def _chunked_loss_only(hidden, weight, labels, ignore_index, chunk):
     scratch = _Scratch(min(chunk, hidden.shape[0]), weight, need_dw=False)
-    loss = hidden.new_zeros((), dtype=torch.float32)
+    loss = hidden.new_zeros((), dtype=_acc(weight.dtype))
     for start in range(0, hidden.shape[0], chunk):
         h, lab = hidden[start:start + chunk], labels[start:start + chunk]
         loss += _softmax_loss(_chunk_logits(h, weight, scratch), lab, lab != ignore_index).sum()
@@ -169,7 +173,7 @@ def cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     """Sum of token cross-entropies of logits = hidden @ weight.T, in fp32.
 
     hidden [N, D], weight [V, D] (like nn.Linear / lm_head), labels [N] long.
-    Returns (loss_sum fp32 scalar, n_tokens long scalar); labels equal to ignore_index add
+    Returns (loss_sum fp32 scalar (fp64 for fp64 inputs), n_tokens long scalar); labels equal to ignore_index add
     nothing to either. impl: "reference" (full [N, V] fp32 logits and F.cross_entropy),
     "fused" (chunks of chunk_size tokens, by default 2**26 logits at a time, with the
     softmax and its gradient in one compiled kernel per chunk; exact gradients computed in

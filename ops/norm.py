@@ -1,4 +1,5 @@
-"""RMSNorm, Aquila/LLaMA variant: normalise in fp32, multiply the weight in fp32, then cast."""
+"""RMSNorm, Aquila/LLaMA variant: normalise in fp32, multiply the weight in fp32, then cast.
+(fp64 inputs stay fp64 throughout.)"""
 from __future__ import annotations
 
 import torch
@@ -7,9 +8,10 @@ from ._dispatch import LazyCompiled, resolve_elementwise, torch_npu
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(acc)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
+    return (y * weight.to(acc)).to(x.dtype)
 
 
 # One inductor kernel per pass instead of five eager ones (~4x forward, ~4x backward on CPU).

@@ -90,7 +90,6 @@ def test_loss_ignores_minus_100_and_is_token_weighted():
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(reason='ops reference upcasts float64 to float32; fixed when ops keeps float64', strict=True)
 def test_value_and_grad_matches_finite_differences_float64():
     cfg = CFG.replace(n_layers=1, dim=16, n_heads=2, n_kv_heads=1, ffn_dim=24, vocab_size=11)
     params = af.init_params(cfg, 3, dtype=torch.float64)

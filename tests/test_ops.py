@@ -314,3 +314,16 @@ def test_cross_entropy_fused_backward_runs_once():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
+
+
+def test_float64_stays_float64():
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    assert ops.rms_norm(x, torch.ones(8, dtype=torch.float64), 1e-6).dtype == torch.float64
+    q, k, v = (t.double() for t in _qkv(4, 4, 2, 1, torch.float32))
+    want = ops.attention(q, k, v, impl="reference")
+    torch.testing.assert_close(ops.attention(q, k, v, impl="fused"), want, atol=1e-12, rtol=1e-12)
+    hidden, weight, labels = (t.double() if t.is_floating_point() else t
+                              for t in _ce_inputs(9, 7, 4, torch.float32))
+    ref, fused = (ops.cross_entropy(hidden, weight, labels, impl=i)[0] for i in ("reference", "fused"))
+    assert ref.dtype == fused.dtype == torch.float64
+    torch.testing.assert_close(fused, ref, atol=1e-12, rtol=1e-12)
