@@ -23,14 +23,14 @@ import mmap
 import os
 import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
 
 from aquila_fn.config import ModelConfig
-from aquila_fn.model import _linear, forward, head_weight, init_cache
+from aquila_fn.model import forward, init_cache, project_logits
 from aquila_fn.sampling import GREEDY, SamplingParams, penalise, sample, seen_mask, warp
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -102,7 +102,7 @@ def prefill_step(params, tokens, cache, positions, key_mask, *, config: ModelCon
                             attn_mask=key_mask, compute_dtype=compute_dtype, impl=impl,
                             return_hidden=True)
     # Project only the last position: a [B, P, V] logits tensor would be wasted work.
-    return _linear(hidden[:, -1], head_weight(params)).float(), cache
+    return project_logits(params, hidden[:, -1]), cache
 
 
 def decode_step(params, tokens, cache, start_pos, positions, key_mask, *, config: ModelConfig,

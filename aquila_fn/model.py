@@ -221,6 +221,47 @@ def head_weight(params: Params) -> torch.Tensor:
     return params["lm_head"] if "lm_head" in params else params["embed"]
 
 
+# The forward in stages. `forward` composes them; pipeline stages (aquila_fn.sharding) and the
+# decoder (aquila_fn.generate) call the same pieces, so there is one model code path.
+
+
+def embed(params: Params, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Token embeddings [B, S, D] in the compute dtype."""
+    return constrain(F.embedding(tokens, params["embed"]), RESIDUAL).to(dtype)
+
+
+def rotary_tables(config: ModelConfig, positions: torch.Tensor, dtype: torch.dtype):
+    """(cos, sin) for the given rotary positions ([S] or [B, S])."""
+    cos, sin = ops.rope_table(config.max_seq_len, config.head_dim, config.rope_theta, dtype,
+                              positions.device)
+    return cos[positions], sin[positions]
+
+
+def run_layers(layers, h: torch.Tensor, cos, sin, config: ModelConfig, *, cache: list | None = None,
+               slots: torch.Tensor | None = None, mask: torch.Tensor | None = None, impl: str = "auto",
+               recompute: str = "none") -> torch.Tensor:
+    """The decoder layers over the hidden state, with the chosen recomputation policy."""
+    if recompute not in RECOMPUTE_POLICIES:
+        raise ValueError(f"recompute={recompute!r}; expected one of {RECOMPUTE_POLICIES}")
+    for i, p in enumerate(layers):
+        kv = None if cache is None else cache[i]
+        if recompute == "full" and torch.is_grad_enabled():
+            h = checkpoint(_layer, p, h, cos, sin, config, kv, slots, mask, impl, False,
+                           use_reentrant=False)
+        else:
+            h = _layer(p, h, cos, sin, config, kv, slots, mask, impl, recompute == "selective")
+    return h
+
+
+def final_norm(params: Params, h: torch.Tensor, config: ModelConfig, impl: str = "auto") -> torch.Tensor:
+    return constrain(ops.rms_norm(h, params["norm"], config.norm_eps, impl=impl), FULL_SEQ)
+
+
+def project_logits(params: Params, h: torch.Tensor) -> torch.Tensor:
+    """fp32 logits from the final hidden state (works with int8 head weights too)."""
+    return _linear(h, head_weight(params)).float()
+
+
 def forward(params: Params, tokens: torch.Tensor, config: ModelConfig, *, cache: list | None = None,
             start_pos: int | torch.Tensor = 0, positions: torch.Tensor | None = None,
             attn_mask: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None,
@@ -232,37 +273,22 @@ def forward(params: Params, tokens: torch.Tensor, config: ModelConfig, *, cache:
     [B, S_keys] marks real tokens (True) against padding. `return_hidden` returns the final
     normed hidden state instead of logits (the fused loss projects it itself).
     """
-    if recompute not in RECOMPUTE_POLICIES:
-        raise ValueError(f"recompute={recompute!r}; expected one of {RECOMPUTE_POLICIES}")
     if not torch.compiler.is_compiling():
         check_tokens(tokens, config.vocab_size)
     b, s = tokens.shape
     device = tokens.device
-    dtype = compute_dtype or params["embed"].dtype
-    h = constrain(F.embedding(tokens, params["embed"]), RESIDUAL).to(dtype)
-
+    h = embed(params, tokens, compute_dtype or params["embed"].dtype)
     if positions is None:
         positions = start_pos + torch.arange(s, device=device)
-    cos, sin = ops.rope_table(config.max_seq_len, config.head_dim, config.rope_theta, dtype, device)
-    cos, sin = cos[positions], sin[positions]
+    cos, sin = rotary_tables(config, positions, h.dtype)
 
     slots = None if cache is None else start_pos + torch.arange(s, device=device)
     k_len = cache[0]["k"].shape[1] if cache is not None else s
     mask = _attention_mask(b, s, k_len, start_pos if cache is not None else None, attn_mask, device)
-
-    for i, p in enumerate(params["layers"]):
-        kv = None if cache is None else cache[i]
-        if recompute == "full" and torch.is_grad_enabled():
-            h = checkpoint(_layer, p, h, cos, sin, config, kv, slots, mask, impl, False,
-                           use_reentrant=False)
-        else:
-            h = _layer(p, h, cos, sin, config, kv, slots, mask, impl, recompute == "selective")
-
-    h = constrain(ops.rms_norm(h, params["norm"], config.norm_eps, impl=impl), FULL_SEQ)
-    if return_hidden:
-        return h, cache
-    logits = _linear(h, head_weight(params)).float()
-    return logits, cache
+    h = run_layers(params["layers"], h, cos, sin, config, cache=cache, slots=slots, mask=mask, impl=impl,
+                   recompute=recompute)
+    h = final_norm(params, h, config, impl)
+    return (h, cache) if return_hidden else (project_logits(params, h), cache)
 
 
 # ----------------------------------------------------------------------------- loss

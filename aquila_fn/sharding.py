@@ -163,7 +163,6 @@ def make_train_step(config: ModelConfig, optimizer, layout: Layout, *, micro_bat
 def plan_model(config_name: str, overrides: dict | None = None, precision: str = "bf16",
                recompute: str = "none"):
     """The `parallel.plan` plugin: Aquila's parameters, layout, loss and optimizer."""
-    import contextlib
     from unittest import mock
 
     from aquila_fn import optim
@@ -447,10 +446,6 @@ def _stage_fn(config: ModelConfig, layout: Layout, stage: int, n_stages: int, *,
     """fn(params, x) of one pipeline stage: token ids (first stage) or the hidden state in, the
     hidden state out (after the final norm on the last stage), as plain local tensors; inside, the
     model's own layer code runs on DTensors over the stage's mesh."""
-    import torch.nn.functional as F
-    from torch.utils.checkpoint import checkpoint
-
-    import ops
     from parallel.layout import constrain
 
     first, last, layers = _stage_parts(config, stage, n_stages)
@@ -468,23 +463,14 @@ def _stage_fn(config: ModelConfig, layout: Layout, stage: int, n_stages: int, *,
             p = compute_view(params, layout)
             if first:
                 dtype = compute_dtype or p["embed"].dtype
-                h = constrain(F.embedding(to_mesh(x, ("batch", None)), p["embed"]), model.RESIDUAL).to(dtype)
+                h = model.embed(p, to_mesh(x, ("batch", None)), dtype)
             else:
                 h = constrain(to_mesh(x, model.FULL_SEQ), model.RESIDUAL)
                 dtype = h.dtype
-            s = h.shape[1]
-            cos, sin = ops.rope_table(config.max_seq_len, config.head_dim, config.rope_theta, dtype, x.device)
-            cos, sin = cos[:s], sin[:s]
-            for i in layers:
-                layer = p["layers"][str(i)]
-                if recompute == "full":
-                    h = checkpoint(model._layer, layer, h, cos, sin, config, None, None, None, impl, False,
-                                   use_reentrant=False)
-                else:
-                    h = model._layer(layer, h, cos, sin, config, None, None, None, impl, recompute == "selective")
-            if last:
-                h = ops.rms_norm(h, p["norm"], config.norm_eps, impl=impl)
-            h = constrain(h, model.FULL_SEQ)
+            cos, sin = model.rotary_tables(config, torch.arange(h.shape[1], device=x.device), dtype)
+            h = model.run_layers([p["layers"][str(i)] for i in layers], h, cos, sin, config, impl=impl,
+                                 recompute=recompute)
+            h = model.final_norm(p, h, config, impl) if last else constrain(h, model.FULL_SEQ)
             return h.to_local() if hasattr(h, "to_local") else h
 
     return fn
@@ -530,7 +516,7 @@ def make_pipeline(config: ModelConfig, seed: int, mesh: parallel.Mesh, *, zero: 
     mine = rank_stages(mesh.rank_in("pp"), pp, virtual_stages)
     compute_dtype = train.get_precision(precision).compute_dtype
     context = _PipeContext()
-    stages, trees = [], []
+    stages = []
     for s in mine:
         shapes = _stage_shapes(config, s, n_stages)
         params = parallel.materialize(

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 from parallel.grads import GradReducer
-from parallel.layout import Layout, is_dtensor
+from parallel.layout import Layout
 from parallel.mesh import Mesh, parse_mesh
 from parallel.meter import CommMeter, LiveMeter, tree_local_bytes
 from parallel.tree import leaves, map_with_path
@@ -100,7 +100,6 @@ def plan_stage(model: PlanModel, mesh: Mesh, *, zero: int, sequence_parallel: bo
     saved_total, peak_total, grad_bytes, opt_bytes = 0, 0, 0, 0
     for c, params in zip(chunks, parts):
         loss = (model.stage_loss(layout, c, n_stages * virtual) if n_stages > 1 else model.loss(layout))
-        leaves_ = [x for x in leaves(params) if isinstance(x, torch.Tensor)]
         inputs = map_with_path(lambda p, x: x.detach().requires_grad_(True)
                                if isinstance(x, torch.Tensor) and x.is_floating_point() else x, params)
         diff = [x for x in leaves(inputs) if isinstance(x, torch.Tensor) and x.requires_grad]
