@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from aquila_fn import checkpoint, data, model, optim, pytree, train
+from aquila_fn import checkpoint, data, model, optim, pytree, sharding, train
 from aquila_fn.config import ModelConfig, PRESETS, get_config
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sample-tokens", type=int, default=96)
     a("--temperature", type=float, default=0.8)
     a("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar on stderr")
+    sharding.add_arguments(p)  # --mesh, --zero, --sequence-parallel, ... (parallel layouts)
     return p
 
 
@@ -158,6 +159,7 @@ class Run:
     tokenizer: Any
     optimizer: optim.GradientTransformation
     out: Path
+    par: Any = None  # sharding.ParallelSetup: the identity on one process
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -220,15 +222,17 @@ def setup(args: argparse.Namespace) -> Run:
     optimizer = optim.adamw(schedule, b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_eps,
                             weight_decay=args.weight_decay, mask=mask,
                             max_grad_norm=args.clip_grad or None)
+    par = sharding.ParallelSetup.from_args(args)
+    optimizer = par.wrap_optimizer(optimizer, args.clip_grad or None)
     return Run(args, config, precision, args.batch_size // mbs, datasets, tokenizer, optimizer,
-               Path(args.out))
+               Path(args.out), par)
 
 
 # ----------------------------------------------------------------------------- state and checkpoints
 
 
 def fresh_state(run: Run) -> tuple[dict, int]:
-    params = model.init_params(run.config, run.args.seed)
+    params = run.par.init_params(run.config, run.args.seed)  # sharded init == init, then shard
     state = train.init_train_state(params, run.optimizer, precision=run.precision)
     state["rng"] = torch.Generator().manual_seed(run.args.seed).get_state()
     return state, 0
@@ -245,7 +249,7 @@ def restore_into(template: Any, loaded: Any) -> Any:
         if have.shape != want.shape or have.dtype != want.dtype:
             raise PretrainError(f"checkpoint leaf {path!r} is {tuple(have.shape)} {have.dtype}, the run "
                                 f"expects {tuple(want.shape)} {want.dtype}")
-        leaves.append(have)
+        leaves.append(sharding.place_like(have, want))  # reshards onto this run's mesh
     return pytree.unflatten(pytree.structure(template), leaves)
 
 
@@ -274,7 +278,7 @@ def save(run: Run, state: dict, position: int) -> str:
     meta = {"config": run.config.to_dict(), "data_position": position, "precision": run.precision,
             "tokenizer": os.path.abspath(run.args.tokenizer) if run.args.tokenizer else None,
             "args": {k: v for k, v in vars(run.args).items() if _json_scalar(v)}}
-    return checkpoint.save_checkpoint(checkpoint_dir(run), state, step=int(state["step"]), metadata=meta,
+    return checkpoint.save_checkpoint(checkpoint_dir(run), run.par.checkpoint_view(state), step=int(state["step"]), metadata=meta,
                                       keep=run.args.keep)
 
 
@@ -330,8 +334,11 @@ class MetricsLog:
     """`<out>/metrics.jsonl`, one JSON object per step. On resume, lines past the checkpoint's
     step (written after it by the interrupted run) are dropped so the file has no duplicates."""
 
-    def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool = True):
+        self.path, self.enabled = path, enabled  # disabled: records kept, nothing written (ranks > 0)
+        if not enabled:
+            self.records = []
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if resume_step is not None and path.exists():
@@ -343,6 +350,8 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         self.records.append(record)
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -417,22 +426,22 @@ def train_loop(run: Run, state: dict, position: int, log: MetricsLog):
     """Steps until --steps or a stop signal; returns (state, data position, signal name or None,
     last validation loss)."""
     args = run.args
-    train_step = train.make_train_step(run.config, run.optimizer, micro_batches=run.micro_batches,
-                                       precision=run.precision, recompute=args.recompute,
-                                       compile=args.compile, impl=args.impl)
-    eval_loss = train.make_eval_loss(run.config, precision=run.precision, impl=args.impl)
+    train_step = run.par.make_train_step(run.config, run.optimizer, micro_batches=run.micro_batches,
+                                         precision=run.precision, recompute=args.recompute,
+                                         compile=args.compile, impl=args.impl)
+    eval_loss = run.par.make_eval_loss(run.config, precision=run.precision, impl=args.impl)
     tokens, flops = args.batch_size * args.seq_len, run.config.flops_per_token(args.seq_len)
-    peak = peak_flops(run.precision, "cpu", args.peak_tflops)
+    peak = peak_flops(run.precision, "cpu", args.peak_tflops) * run.par.world_size
     batches = data.batch_iterator(run.datasets["train"], args.batch_size, start=position,
                                   stop=args.steps * args.batch_size)
     from tqdm import tqdm
     bar = tqdm(total=args.steps, initial=int(state["step"]), file=sys.stderr, dynamic_ncols=True,
-               disable=not args.progress, desc="pretrain")
+               disable=not args.progress or not run.par.is_main, desc="pretrain")
     interrupted, val = None, None
     with StopRequest().installed() as stop, bar:
         for position, batch in batches:
             t0 = time.perf_counter()
-            state, m = train_step(state, batch)
+            state, m = train_step(state, run.par.local_batch(batch))
             step = int(state["step"])
             record = step_record(step, m, time.perf_counter() - t0, tokens, flops, peak)
             if step == args.steps or (args.eval_every and step % args.eval_every == 0):
@@ -441,8 +450,8 @@ def train_loop(run: Run, state: dict, position: int, log: MetricsLog):
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                             mfu=f"{record['mfu']:.1%}", refresh=False)
-            if stop.signum is not None:
-                interrupted = signal.Signals(stop.signum).name
+            if run.par.any_rank(stop.signum is not None):  # every rank stops at the same step
+                interrupted = signal.Signals(stop.signum or signal.SIGTERM).name
                 break
             if args.save_every and step % args.save_every == 0 and step < args.steps:
                 save(run, state, position)
@@ -455,22 +464,27 @@ def pretrain(args: argparse.Namespace) -> dict:
     run = setup(args)
     state, position = resume_state(run) if args.resume else fresh_state(run)
     start_step = int(state["step"])
-    log = MetricsLog(run.out / "metrics.jsonl", start_step if args.resume else None)
-    state, position, interrupted, val = train_loop(run, state, position, log)
+    log = MetricsLog(run.out / "metrics.jsonl", start_step if args.resume else None,
+                     enabled=run.par.is_main)
+    with run.par.guard():  # a dead or stalled rank ends every process with a clear error
+        state, position, interrupted, val = train_loop(run, state, position, log)
     step = int(state["step"])
     summary = {"steps": step, "interrupted": interrupted, "precision": run.precision,
                "checkpoint": save(run, state, position) if step > start_step else None,
                "first_loss": log.records[0]["loss"] if log.records else None,
                "train_loss": log.records[-1]["loss"] if log.records else None, "val_loss": val}
     if interrupted is None:
-        if log.records:
+        if log.records and run.par.is_main:
             plot_losses(log.records, run.out / "loss.png")
             summary["plot"] = os.fspath(run.out / "loss.png")
         generator = torch.Generator()
         generator.set_state(state["rng"])
-        summary["samples"] = generate_samples(run, state["params"], generator)
+        params = run.par.full_params(state["params"])  # a collective: every rank takes part
+        summary["samples"] = generate_samples(run, params, generator) if run.par.is_main else []
     summary["elapsed_s"] = time.perf_counter() - started
-    (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary["rank"] = run.par.layout.mesh.rank
+    if run.par.is_main:
+        (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -496,5 +510,6 @@ def main(argv: list[str] | None = None) -> int:
         summary = pretrain(args)
     except (PretrainError, data.DataError, checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
-    report(summary)
+    if summary.get("rank", 0) == 0:
+        report(summary)
     return 0
