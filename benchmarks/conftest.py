@@ -1,7 +1,8 @@
 """Shared benchmark plumbing: every fast path is timed next to its reference in the same run,
-and the ratio goes into benchmark.extra_info. The ratio compares the best (minimum) times:
-on a shared machine other processes only ever add time, so the minimum is the most
-repeatable estimate of each kernel's own cost; medians are recorded as well.
+and the ratio goes into benchmark.extra_info. The ratio comes from rounds of the reference
+and the fast path interleaved (A B A B ...) and compares their best (minimum) times: on a
+shared machine other processes only ever add time, and interleaving exposes both sides to
+the same conditions, so this is the most repeatable estimate; medians are recorded too.
 
 Run: pytest benchmarks/ --benchmark-only   (not part of the default `pytest` run).
 """
@@ -34,46 +35,42 @@ def keep_freed_memory() -> bool:
 ALLOCATOR_KEEPS_MEMORY = keep_freed_memory()
 
 
-def best_seconds(fn, rounds: int = 5) -> float:
-    fn()  # warm-up: lazy init, compilation
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+def _seconds(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
-@pytest.fixture(scope="session")
-def reference_times() -> dict:
-    """Best reference times of this session, keyed by case, for the fast tests' ratios."""
-    return {}
+def interleaved_best(reference, fast, rounds: int):
+    """(best reference time, best fast time) over alternating rounds, after a warm-up."""
+    reference(), fast()
+    times = [(_seconds(reference), _seconds(fast)) for _ in range(rounds)]
+    return min(t[0] for t in times), min(t[1] for t in times)
 
 
 @pytest.fixture
-def timed(benchmark, reference_times):
+def timed(benchmark):
     """timed(fn, case=..., rounds=..., reference=None, min_speedup=None) -> speedup or None.
 
-    Without `reference` the call is the reference run of `case` and its time is kept.
-    With it, the ratio reference/fast of best times is recorded (the reference is timed
-    here if its own test did not run in this session) and checked against min_speedup.
+    Times fn with pytest-benchmark (group = case). With `reference`, also runs `rounds`
+    interleaved rounds of reference and fn, records the ratio of their best times and
+    checks it against min_speedup.
     """
     def run(fn, *, case, rounds=10, reference=None, min_speedup=None):
         benchmark.group = case
         benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)
         if benchmark.disabled:
             return None
-        best = benchmark.stats.stats.min
-        benchmark.extra_info.update(best_s=round(best, 6),
+        benchmark.extra_info.update(best_s=round(benchmark.stats.stats.min, 6),
                                     median_s=round(benchmark.stats.stats.median, 6),
                                     allocator_keeps_memory=ALLOCATOR_KEEPS_MEMORY)
         if reference is None:
-            reference_times[case] = best
             return None
-        ref = reference_times.get(case) or best_seconds(reference, rounds)
-        speedup = ref / best
-        benchmark.extra_info["reference_best_s"] = round(ref, 6)
-        benchmark.extra_info["speedup_vs_reference"] = round(speedup, 3)
+        ref, fast = interleaved_best(reference, fn, rounds)
+        speedup = ref / fast
+        benchmark.extra_info.update(interleaved_reference_best_s=round(ref, 6),
+                                    interleaved_best_s=round(fast, 6),
+                                    speedup_vs_reference=round(speedup, 3))
         if min_speedup is not None:
             assert speedup >= min_speedup, f"{case}: fast path {speedup:.2f}x the reference"
         return speedup
