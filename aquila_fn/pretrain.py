@@ -31,6 +31,7 @@ import torch
 
 from aquila_fn import checkpoint, data, model, optim, pytree, sharding, train
 from aquila_fn.config import ModelConfig, PRESETS, get_config
+from parallel import shutdown_distributed
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -510,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = pretrain(args)
     except (PretrainError, data.DataError, checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
+    shutdown_distributed()
     if summary.get("rank", 0) == 0:
         report(summary)
     return 0

@@ -96,6 +96,15 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     return True
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group at the end of a run: every rank waits for the others, then the
+    backend's threads are joined before the interpreter exits (left to exit-time destructors,
+    gloo can abort a finished rank with "terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 @dataclass(frozen=True)
 class Mesh:
     """Named axes over the processes, wrapping a DeviceMesh (None for the trivial mesh)."""

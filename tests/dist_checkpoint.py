@@ -69,3 +69,4 @@ def main(mode, spec, *rest):
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    parallel.shutdown_distributed()

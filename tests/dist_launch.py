@@ -13,10 +13,14 @@ ROOT = TESTS.parent
 
 
 def torchrun(script: str, nproc: int, *args: str, timeout: float = 300, env: dict | None = None,
-             check: bool = True) -> subprocess.CompletedProcess:
-    """Run tests/<script> on `nproc` processes; stdout+stderr captured as text."""
+             check: bool = True, monitor_interval_s: float | None = None) -> subprocess.CompletedProcess:
+    """Run tests/<script> on `nproc` processes; stdout+stderr captured as text.
+
+    `monitor_interval_s` slows torchrun's check of its children, for tests of how the surviving
+    ranks themselves report a dead peer (torchrun otherwise may kill them first)."""
+    monitor = [f"--monitor-interval={monitor_interval_s}"] if monitor_interval_s else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(TESTS / script), *args]
+           *monitor, str(TESTS / script), *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -139,3 +139,4 @@ def main(argv):
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    parallel.shutdown_distributed()

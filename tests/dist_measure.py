@@ -91,3 +91,4 @@ if __name__ == "__main__":
     batch_size, seq_len = int(args[0]), int(args[1])
     for case in args[2:]:
         fn(*case.split("/"), batch_size, seq_len)
+    parallel.shutdown_distributed()

@@ -18,7 +18,8 @@ TIMEOUT_S = 5
 ])
 def test_a_failed_rank_ends_the_run_with_a_clear_error(mode, words):
     start = time.monotonic()
-    proc = torchrun("dist_faults.py", 2, mode, str(TIMEOUT_S), timeout=120, check=False)
+    # torchrun looks at its children every 3 s here: the survivors' own error must come first
+    proc = torchrun("dist_faults.py", 2, mode, str(TIMEOUT_S), timeout=120, check=False, monitor_interval_s=3)
     elapsed = time.monotonic() - start
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
