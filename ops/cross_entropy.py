@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import LazyCompiled, check_impl
+from ._dispatch import LazyCompiled, check_impl, is_compiling
 
 # Logits per chunk: 2**26 elements (671 tokens at V = 100,008; 256 MiB in fp32, 128 MiB in
 # bf16), enough rows for the matmuls to reach full speed.
@@ -162,7 +162,21 @@ def _balanced(n: int, chunk: int) -> int:
     return -(-n // pieces)
 
 
+def _counted_rows(hidden, labels, ignore_index):
+    """Only the tokens that count: ignored rows (padding, fine-tuning prompts) would cost their
+    share of all three vocabulary-sized matmuls for nothing. Eager only: the row count is data
+    dependent, and a compiled graph keeps one static shape."""
+    if is_compiling():
+        return hidden, labels
+    keep = (labels != ignore_index).nonzero().squeeze(1)
+    if keep.numel() in (0, labels.numel()):
+        return hidden, labels
+    return hidden.index_select(0, keep), labels.index_select(0, keep)  # backward scatters dh
+
+
 def cross_entropy_fused(hidden, weight, labels, ignore_index=-100, chunk_size=None):
+    count = (labels != ignore_index).sum()
+    hidden, labels = _counted_rows(hidden, labels, ignore_index)
     chunk = chunk_size or _balanced(hidden.shape[0], default_chunk_size(weight.shape[0]))
     need_dh = hidden.requires_grad and torch.is_grad_enabled()
     need_dw = weight.requires_grad and torch.is_grad_enabled()
@@ -171,7 +185,7 @@ def cross_entropy_fused(hidden, weight, labels, ignore_index=-100, chunk_size=No
                                               need_dh, need_dw)
     else:  # evaluation: no gradient work at all
         loss = _chunked_loss_only(hidden, weight, labels, ignore_index, chunk)
-    return loss, (labels != ignore_index).sum()
+    return loss, count
 
 
 def cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -182,7 +196,7 @@ def cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     hidden [N, D], weight [V, D] (like nn.Linear / lm_head), labels [N] long.
     Returns (loss_sum fp32 scalar (fp64 for fp64 inputs), n_tokens long scalar); labels equal to ignore_index add
     nothing to either. impl: "reference" (full [N, V] fp32 logits and F.cross_entropy),
-    "fused" (chunks of chunk_size tokens, by default 2**26 logits at a time, with the
+    "fused" (only the counted tokens, in chunks of chunk_size tokens, by default 2**26 logits at a time, with the
     softmax and its gradient in one compiled kernel per chunk; exact gradients computed in
     the same pass, so backward only scales them and may run once),
     "npu" and "auto" (the fused path, on every device).
