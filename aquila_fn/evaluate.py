@@ -22,6 +22,7 @@ from typing import Iterable, Sequence
 import torch
 
 from aquila_fn.config import ModelConfig
+from aquila_fn.generate import Decoder, load_model
 from aquila_fn.model import forward, head_weight, init_cache
 
 Params = dict
@@ -261,84 +262,33 @@ def perplexity(params: Params, config: ModelConfig, tokenizer, text: str, *,
 # ----------------------------------------------------------------------------- greedy generation
 
 
-def _stop_index(text: str, stop: Sequence[str]) -> int | None:
-    hits = [text.find(s) for s in stop if s and s in text]
-    return min(hits) if hits else None
-
-
 @torch.no_grad()
 def greedy_generate(params: Params, config: ModelConfig, tokenizer, prompts: Sequence[Sequence[int]], *,
                     max_new_tokens: int = 256, stop: Sequence[str] = (), batch_size: int = 8,
                     compute_dtype=None, progress: bool = False) -> list[str]:
     """Greedy continuations of token-id prompts, cut before the first stop string (lm-eval's
-    `until`); decoding also ends at EOS. Prompts run `batch_size` at a time, left-padded, over a
-    static KV cache."""
+    `until`); decoding also ends at EOS. Prompts run `batch_size` at a time through
+    generate.Decoder (left-padded, static KV cache); a prompt too long for the context keeps its
+    tail, leaving room for the answer."""
+    decoder = Decoder(params, config, compute_dtype=compute_dtype)
+    keep = max(config.max_seq_len - max_new_tokens, 1)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     out: list[str] = [""] * len(prompts)
     bar = progress_bar(total=len(prompts), desc="generating", enabled=progress)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        texts = _generate_batch(params, config, tokenizer, [prompts[i] for i in idx],
-                                max_new_tokens, stop, compute_dtype)
-        for i, t in zip(idx, texts):
-            out[i] = t
+        batch = [list(prompts[i][-keep:]) for i in idx]
+        room = config.max_seq_len - max(map(len, batch))
+        done = decoder.generate(batch, max_new_tokens=min(max_new_tokens, room), eos_id=tokenizer.eos_id,
+                                stop=stop, tokenizer=tokenizer)
+        for i, completion in zip(idx, done):
+            out[i] = completion.text
         bar.update(len(idx))
     bar.close()
     return out
 
 
-def _generate_batch(params, config, tokenizer, prompts, max_new_tokens, stop, compute_dtype) -> list[str]:
-    device = params["embed"].device
-    keep = max(config.max_seq_len - max_new_tokens, 1)  # room for the answer; the prompt keeps its tail
-    prompts = [tuple(p[-keep:]) for p in prompts]
-    tokens, positions, pads = _left_pad(list(prompts), 0, device)
-    width = tokens.shape[1]
-    steps = min(max_new_tokens, config.max_seq_len - width)
-    dtype = compute_dtype or params["embed"].dtype
-    cache = init_cache(config, len(prompts), width + steps, dtype=dtype, device=device)
-    mask = torch.arange(width + steps, device=device)[None, :] >= pads[:, None]
-    hidden, cache = forward(params, tokens, config, cache=cache, positions=positions, attn_mask=mask,
-                            compute_dtype=compute_dtype, return_hidden=True)
-    weight = head_weight(params)
-    lens = torch.tensor([len(p) for p in prompts], device=device)
-    generated: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    for step in range(steps):
-        nxt = (hidden[:, -1] @ weight.to(hidden.dtype).T).float().argmax(dim=-1)
-        for i, t in enumerate(nxt.tolist()):
-            if done[i]:
-                continue
-            if t == tokenizer.eos_id:
-                done[i] = True
-                continue
-            generated[i].append(t)
-            done[i] = bool(stop) and _stop_index(tokenizer.decode(generated[i]), stop) is not None
-        if all(done) or step == steps - 1:
-            break
-        hidden, cache = forward(params, nxt[:, None], config, cache=cache, start_pos=width + step,
-                                positions=(lens + step)[:, None], attn_mask=mask,
-                                compute_dtype=compute_dtype, return_hidden=True)
-    texts = [tokenizer.decode(g) for g in generated]
-    return [t[:_stop_index(t, stop)] if _stop_index(t, stop) is not None else t for t in texts]
-
-
 # ----------------------------------------------------------------------------- loading (for the CLIs)
-
-
-def _fallback_load(path: Path, dtype: torch.dtype, device) -> tuple[ModelConfig, Params, object | None]:
-    """llama2.c .bin files and native checkpoints, for when aquila_fn.generate is not available."""
-    if path.is_file() and path.suffix == ".bin":
-        from aquila_fn.llama2c import load_llama2c
-        config, params = load_llama2c(path, dtype=dtype, device=device)
-        return config, params, None
-    from aquila_fn.checkpoint import load_checkpoint
-    state, meta = load_checkpoint(path, map_location=device)
-    if "config" not in meta or "params" not in state:
-        raise ValueError(f"{path}: checkpoint has no params/config; pass a llama2.c .bin, a Hugging "
-                         f"Face directory or a native checkpoint written with its config")
-    from aquila_fn import pytree
-    params = pytree.tree_map(lambda x: x.to(dtype) if x.is_floating_point() else x, state["params"])
-    return ModelConfig.from_dict(meta["config"]), params, None
 
 
 def _tokenizer_beside(path: Path, vocab_size: int):
@@ -359,14 +309,7 @@ def load_model_and_tokenizer(model_path, tokenizer_path=None, *, adapters_path=N
     path = Path(model_path)
     if not path.exists():
         raise FileNotFoundError(f"model not found: {path}")
-    try:
-        from aquila_fn.generate import load_model
-    except ImportError:
-        load_model = None
-    if load_model is not None:
-        config, params, tokenizer = load_model(path, dtype=dtype, device=device)
-    else:
-        config, params, tokenizer = _fallback_load(path, dtype, device)
+    config, params, tokenizer = load_model(path, dtype=dtype, device=device)
     if isinstance(tokenizer_path, (str, Path)):
         from aquila_fn.tokenizer import load_tokenizer
         tokenizer = load_tokenizer(tokenizer_path)

@@ -19,7 +19,7 @@ weights in every precision policy of `aquila_fn.train`.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple
 
 import torch
 

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import optree
 import torch
 
-# None is a leaf here: it marks an absent tensor without changing the tree's structure.
-_NONE_IS_LEAF = False
+# The leaf-path primitives live in parallel.tree (parallel/ imports nothing from aquila_fn);
+# None is not a leaf in either: an absent tensor is an empty subtree.
+from parallel.tree import leaves, map_with_path, named_leaves, path_str, structure, unflatten
 
-
-def path_str(path: tuple) -> str:
-    return ".".join(str(p) for p in path)
-
-
-def named_leaves(tree: Any) -> Iterator[tuple[str, Any]]:
-    """(path string, leaf) pairs in the tree's canonical order."""
-    paths, leaves, _ = optree.tree_flatten_with_path(tree, none_is_leaf=_NONE_IS_LEAF)
-    for path, leaf in zip(paths, leaves):
-        yield path_str(path), leaf
+__all__ = ["flatten_dict", "leaves", "map_with_path", "named_leaves", "param_count", "path_str", "structure",
+           "tree_bytes", "tree_map", "unflatten", "unflatten_dict"]
 
 
 def flatten_dict(tree: Any) -> dict[str, Any]:
@@ -50,26 +43,8 @@ def _lists_from_int_keys(node: Any) -> Any:
     return items
 
 
-def map_with_path(fn: Callable[[str, Any], Any], tree: Any, *rest: Any) -> Any:
-    """Map `fn(path, leaf, *other_leaves)` over the tree, keeping its structure."""
-    return optree.tree_map_with_path(lambda p, x, *r: fn(path_str(p), x, *r), tree, *rest,
-                                     none_is_leaf=_NONE_IS_LEAF)
-
-
 def tree_map(fn: Callable, tree: Any, *rest: Any) -> Any:
-    return optree.tree_map(fn, tree, *rest, none_is_leaf=_NONE_IS_LEAF)
-
-
-def leaves(tree: Any) -> list:
-    return optree.tree_leaves(tree, none_is_leaf=_NONE_IS_LEAF)
-
-
-def structure(tree: Any):
-    return optree.tree_structure(tree, none_is_leaf=_NONE_IS_LEAF)
-
-
-def unflatten(treespec, leaves_: list) -> Any:
-    return optree.tree_unflatten(treespec, leaves_)
+    return optree.tree_map(fn, tree, *rest, none_is_leaf=False)
 
 
 def param_count(tree: Any) -> int:

@@ -97,6 +97,15 @@ class Tokenizer(abc.ABC):
     def encode_batch(self, texts: Iterable[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
         return [self.encode(t, bos=bos, eos=eos) for t in texts]
 
+    def _checked_ids(self, ids) -> list[int]:
+        """ids as a list of ints, each inside the vocabulary (else an error naming them)."""
+        ids = _ids_list(ids)
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise TokenizerError(f"ids {bad[:5]} are outside the vocabulary of {self.path} "
+                                 f"(size {self.vocab_size})")
+        return ids
+
     def _wrap(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
         if bos:
             if self.bos_id is None:
@@ -182,12 +191,7 @@ class SentencePieceTokenizer(Tokenizer):
         return [self._wrap(ids, bos, eos) for ids in self.sp.encode(list(texts))]
 
     def decode(self, ids) -> str:
-        ids = _ids_list(ids)
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise TokenizerError(f"ids {bad[:5]} are outside the vocabulary of {self.path} "
-                                 f"(size {self.vocab_size})")
-        return self.sp.decode(ids)
+        return self.sp.decode(self._checked_ids(ids))
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
@@ -390,12 +394,7 @@ class HFTokenizer(Tokenizer):
         return [self._wrap(e.ids, bos, eos) for e in encs]
 
     def decode(self, ids) -> str:
-        ids = _ids_list(ids)
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise TokenizerError(f"ids {bad[:5]} are outside the vocabulary of {self.path} "
-                                 f"(size {self.vocab_size})")
-        return self.tok.decode(ids, skip_special_tokens=True)
+        return self.tok.decode(self._checked_ids(ids), skip_special_tokens=True)
 
     def id_to_piece(self, i: int) -> str:
         p = self.tok.id_to_token(int(i))

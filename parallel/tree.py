@@ -1,7 +1,7 @@
 """Pytree helpers (optree): a leaf's identity is its dotted path, e.g. `layers.3.attn.wq`.
 
-The same convention as aquila_fn.pytree, restated here because parallel/ imports nothing
-from aquila_fn.
+The primitives for the whole project: parallel/ imports nothing from aquila_fn, and
+aquila_fn.pytree builds its dict helpers on these. None is not a leaf (an empty subtree).
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ def path_str(path: tuple) -> str:
 
 
 def named_leaves(tree: Any) -> Iterator[tuple[str, Any]]:
+    """(path string, leaf) pairs in the tree's canonical order."""
     paths, leaves, _ = optree.tree_flatten_with_path(tree, none_is_leaf=False)
     for path, leaf in zip(paths, leaves):
         yield path_str(path), leaf
 
 
 def map_with_path(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+    """Map `fn(path, leaf, *other_leaves)` over the tree, keeping its structure."""
     return optree.tree_map_with_path(lambda p, x, *r: fn(path_str(p), x, *r), tree, *rest,
                                      none_is_leaf=False)
 

@@ -119,14 +119,7 @@ def complete(args, decoder: Decoder, tok, texts: list[str], out: TextIO, err: Te
             out.write(text + completion + "\n")
     elif len(prompts) == 1:
         out.write(texts[0])
-        out.flush()
-        pieces = []
-        for event in decoder.stream(prompts, **generation_kwargs(args, tok, max_new, stops)):
-            out.write(event.text)
-            out.flush()
-            pieces.append(event.text)
-        out.write("\n")
-        completions = ["".join(pieces)]
+        completions = [stream_text(decoder.stream(prompts, **generation_kwargs(args, tok, max_new, stops)), out)]
     else:
         results = decoder.generate(prompts, **generation_kwargs(args, tok, max_new, stops))
         completions = [r.text for r in results]
@@ -188,18 +181,25 @@ def interactive(args, decoder: Decoder, tok, inp: TextIO, out: TextIO, err: Text
     out.write("\n")
 
 
-def complete_chat(args, decoder, tok, prompt: str, stops, out: TextIO, err: TextIO) -> str:
-    prompts = [encode(tok, prompt)]
-    max_new = fit_max_new(decoder, prompts, args.max_new_tokens, err)
-    compile_s = warm(args, decoder, prompts, max_new) if args.num_beams == 1 else 0.0
+def stream_text(events, out: TextIO) -> str:
+    """Write each new piece of text as soon as it is decoded; the whole completion."""
+    out.flush()
     pieces = []
-    for event in decoder.stream(prompts, **generation_kwargs(args, tok, max_new, stops)):
+    for event in events:
         out.write(event.text)
         out.flush()
         pieces.append(event.text)
     out.write("\n")
-    report(decoder, compile_s, err)
     return "".join(pieces)
+
+
+def complete_chat(args, decoder, tok, prompt: str, stops, out: TextIO, err: TextIO) -> str:
+    prompts = [encode(tok, prompt)]
+    max_new = fit_max_new(decoder, prompts, args.max_new_tokens, err)
+    compile_s = warm(args, decoder, prompts, max_new) if args.num_beams == 1 else 0.0
+    text = stream_text(decoder.stream(prompts, **generation_kwargs(args, tok, max_new, stops)), out)
+    report(decoder, compile_s, err)
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,7 +16,7 @@ import time
 import torch
 
 import parallel
-from aquila_fn import model, optim, sharding, train
+from aquila_fn import optim, sharding, train
 from aquila_fn.config import get_config
 from aquila_fn.transforms import value_and_grad
 

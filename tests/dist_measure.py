@@ -22,9 +22,7 @@ import torch
 import parallel
 from aquila_fn import optim, sharding, train
 from aquila_fn.config import get_config
-from aquila_fn.transforms import value_and_grad
 from parallel.meter import CommMeter, SavedMeter, graph_saved_bytes, tree_local_bytes
-from parallel.plan import _overrides
 
 
 def forward_retained_bytes(fn) -> tuple[int, object]:

@@ -10,13 +10,7 @@ from aquila_fn.generate import (ASSETS, AQUILA_SYSTEM, Decoder, aquila_chat_prom
 from aquila_fn.sampling import SamplingParams
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny matmuls on a shared 2-core machine: OpenMP threads only add barrier waits.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CONFIG = get_config("tiny", n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=128,

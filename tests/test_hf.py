@@ -13,13 +13,7 @@ from aquila_fn.generate import Decoder  # noqa: E402
 from aquila_fn.hf import HFFormatError, hf_to_path, load_hf, path_to_hf, save_hf  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny matmuls on a shared 2-core machine: OpenMP threads only add barrier waits.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hf_config(**overrides):

@@ -9,12 +9,7 @@ from aquila_fn.quantize import (dequantize_params, dequantize_weight, is_quantiz
                                 quantize_params, quantize_weight, weight_bytes)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 RANDOM = get_config("tiny", n_layers=2, dim=128, n_heads=4, n_kv_heads=2, ffn_dim=256, init_std=0.1)

@@ -4,8 +4,7 @@ reproducible from an explicit generator."""
 import pytest
 import torch
 
-from aquila_fn.sampling import (SamplingParams, repetition_penalty, sample, seen_mask, top_k_filter,
-                                top_p_filter, warp)
+from aquila_fn.sampling import SamplingParams, repetition_penalty, sample, seen_mask, warp
 
 
 def logits(b=4, v=50, seed=0):
