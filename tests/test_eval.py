@@ -1,10 +1,8 @@
 """Scoring primitives (aquila_fn.evaluate) against direct computations from `forward`, and the
 evaluate CLI end to end on the shipped BoolQ dev set with stories260K."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,20 +12,11 @@ from aquila_fn.llama2c import load_llama2c
 from aquila_fn.model import forward, loss_sum_fn
 from aquila_fn.tokenizer import load_tokenizer
 
+from script_module import load_script
+
 # llama2.c's greedy output for "Once upon a time" (aquila_fn/assets/SOURCES.md)
 REFERENCE = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
              "One day, she saw a big, red ball. She wanted to play with it, but it was too high.\nLily")
-
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name):
-    """A script module from scripts/, imported by path (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """Fine-tuning: instruction data loading and masking, the LoRA / full SFT loop, scripts/finetune.py."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,18 +16,12 @@ from aquila_fn.lora import load_adapters
 from aquila_fn.model import init_params
 from aquila_fn.tokenizer import load_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+from script_module import load_script
+
 RECORDS = [{"instruction": "Say hi.", "input": "", "output": "Hi!"},
            {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
            {"instruction": "Name a color.", "input": "", "output": "Blue."},
            {"instruction": "Repeat: cat", "input": "", "output": "cat"}]
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

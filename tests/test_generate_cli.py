@@ -1,24 +1,18 @@
 """scripts/generate.py end to end, in process: stdout is prompt + completion, stderr the statistics."""
 
-import importlib.util
 import io
 import re
 from pathlib import Path
 
 import pytest
 
+from script_module import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "aquila_fn" / "assets"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("generate_script", ROOT / "scripts" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cli = _load_script()
+cli = load_script("generate")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,6 +1,5 @@
 """scripts/convert_checkpoint.py: llama2.c -> native -> Hugging Face -> native, weights unchanged."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,18 +9,13 @@ import torch
 from aquila_fn import forward, named_leaves
 from aquila_fn.generate import load_model
 
+from script_module import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "aquila_fn" / "assets"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("convert_script", ROOT / "scripts" / "convert_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-convert = _load_script()
+convert = load_script("convert_checkpoint")
 
 
 def same_params(a, b):

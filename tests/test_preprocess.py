@@ -1,6 +1,5 @@
 """scripts/preprocess_data.py end to end, run in-process through main(argv)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,16 +9,14 @@ import pytest
 from aquila_fn import data as D
 from aquila_fn.tokenizer import load_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+from script_module import load_script
+
 DOCS = ["Once upon a time there was a dog.", "The dog liked to run.\nIt ran fast.", "The end."]
 
 
 @pytest.fixture(scope="module")
 def pp():
-    spec = importlib.util.spec_from_file_location("preprocess_data", ROOT / "scripts" / "preprocess_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("preprocess_data")
 
 
 @pytest.fixture(scope="module")
