@@ -11,7 +11,7 @@ written for one process uses it unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
 import torch
@@ -41,13 +41,44 @@ def _gather_leaf(layout: Layout, path: str, x, async_op: bool):
     return x.redistribute(x.device_mesh, target, async_op=async_op)
 
 
-class Prefetched(Sequence):
-    """A list whose items are gathered on first access, the next `ahead` items asynchronously
-    at the same time, so the all-gather of layer i+1 runs while layer i computes."""
+class GatherOnAccess(Mapping):
+    """A read-only view of one item's sharded subtree whose leaves are all-gathered when read.
 
-    def __init__(self, items: list, gather: Callable[[int, Any], Any], ahead: int = 1):
-        self._items, self._gather, self._ahead = items, gather, ahead
-        self._ready: dict[int, Any] = {}
+    Holding this view holds only the shards, so when the model's full recomputation keeps a
+    layer's parameters for backward it keeps the view, not the gathered weights: those are
+    freed after the layer's forward and gathered again when backward recomputes the layer
+    (ZeRO-3's reshard after forward). A leaf gathered ahead of time is used once, then dropped."""
+
+    def __init__(self, tree: dict, prefix: str, gather: Callable[[str, Any], Any], ready: dict):
+        self._tree, self._prefix, self._gather, self._ready = tree, prefix, gather, ready
+
+    def __getitem__(self, key):
+        child, path = self._tree[key], f"{self._prefix}.{key}"
+        if isinstance(child, dict):
+            return GatherOnAccess(child, path, self._gather, self._ready)
+        if path in self._ready:
+            return self._ready.pop(path)
+        return self._gather(path, child)
+
+    def __contains__(self, key) -> bool:  # Mapping's default would gather the leaf to find out
+        return key in self._tree
+
+    def __iter__(self):
+        return iter(self._tree)
+
+    def __len__(self) -> int:
+        return len(self._tree)
+
+
+class Prefetched(Sequence):
+    """The items of a list (the layers) as GatherOnAccess views; reading item i also starts the
+    asynchronous all-gather of the next `ahead` items, so layer i+1's gather runs while layer i
+    computes. Later reads (recomputation in backward) gather synchronously."""
+
+    def __init__(self, items: list, prefix: str, gather: Callable[..., Any], ahead: int = 1):
+        self._items, self._prefix, self._gather, self._ahead = items, prefix, gather, ahead
+        self._started: set[int] = set()
+        self._ready: dict[str, Any] = {}
 
     def __len__(self) -> int:
         return len(self._items)
@@ -56,10 +87,13 @@ class Prefetched(Sequence):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         i = range(len(self))[i]
-        for j in range(i, min(i + self._ahead + 1, len(self))):
-            if j not in self._ready:
-                self._ready[j] = self._gather(j, self._items[j])
-        return self._ready.pop(i)  # dropped here: autograd keeps what backward needs
+        for j in range(i + 1, min(i + self._ahead + 1, len(self))):
+            if j not in self._started:
+                self._started.add(j)
+                for path, x in named_leaves(self._items[j]):
+                    self._ready[f"{self._prefix}.{j}.{path}"] = self._gather(f"{self._prefix}.{j}.{path}", x, True)
+        return GatherOnAccess(self._items[i], f"{self._prefix}.{i}",
+                              lambda path, x: self._gather(path, x, False), self._ready)
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -67,20 +101,17 @@ class Prefetched(Sequence):
 
 def compute_view(params: Any, layout: Layout, *, stream: str | None = None, ahead: int = 1) -> Any:
     """Parameters placed for computation: ZeRO-3 / FSDP shards all-gathered (their gradients are
-    reduce-scattered by backward). `stream` names a top-level list (e.g. "layers") that is
-    gathered lazily in order, `ahead` items in advance; everything else is gathered now.
-    The identity when nothing is split over a data axis."""
+    reduce-scattered by backward). `stream` names a top-level list (e.g. "layers") whose items
+    are gathered leaf by leaf as the model reads them, `ahead` items in advance (see Prefetched);
+    everything else is gathered now. The identity when nothing is split over a data axis."""
     if not needs_gather(layout):
         return params
     if stream is None or not isinstance(params, dict) or stream not in params:
         return map_with_path(lambda p, x: _gather_leaf(layout, p, x, False), params)
     rest = {k: v for k, v in params.items() if k != stream}
     out = map_with_path(lambda p, x: _gather_leaf(layout, p, x, False), rest)
-
-    def gather_item(i, item):
-        return map_with_path(lambda p, x: _gather_leaf(layout, f"{stream}.{i}.{p}", x, True), item)
-
-    out[stream] = Prefetched(list(params[stream]), gather_item, ahead)
+    out[stream] = Prefetched(list(params[stream]), stream,
+                             lambda path, x, async_op: _gather_leaf(layout, path, x, async_op), ahead)
     return {k: out[k] for k in params}  # keep the key order
 
 

@@ -4,16 +4,18 @@ the same steps run in one process (each rank computes that reference itself).
 
     torchrun --standalone --nproc-per-node 2 tests/dist_layouts.py "dp=2" "tp=2;sp" "dp=2;zero=2"
 
-A layout is "<mesh>[;zero=N][;sp][;offload][;micro=M]".
+A layout is "<mesh>[;zero=N][;sp][;offload][;micro=M][;recompute=POLICY]".
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 import parallel
 from aquila_fn import optim, sharding, train
@@ -54,13 +56,13 @@ def run_pipeline(mesh, *, zero=0, sp=False, micro=1, virtual=1, schedule="1f1b",
     return losses, state
 
 
-def run(layout, *, micro=1, offload=False, config=CONFIG):
+def run(layout, *, micro=1, offload=False, recompute="none", config=CONFIG):
     params = sharding.init_params(config, SEED, layout)
     opt = make_optimizer()
     if not layout.trivial or offload:
         opt = parallel.distributed_optimizer(opt, layout, max_grad_norm=1.0, offload=offload)
     state = train.init_train_state(params, opt, precision="fp32")
-    step = sharding.make_train_step(config, opt, layout, micro_batches=micro, precision="fp32")
+    step = sharding.make_train_step(config, opt, layout, micro_batches=micro, precision="fp32", recompute=recompute)
     losses = []
     for batch in batches(config):
         state, metrics = step(state, sharding.local_batch(batch, layout))
@@ -68,7 +70,7 @@ def run(layout, *, micro=1, offload=False, config=CONFIG):
     return losses, parallel.gather(state["params"]), state
 
 
-def first_grads(layout, config=CONFIG):
+def first_grads(layout, recompute="none", config=CONFIG):
     """Reduced gradients of the first batch's mean loss (full tensors), for a direct check."""
     params = sharding.init_params(config, SEED, layout)
     batch = next(batches(config))
@@ -78,12 +80,37 @@ def first_grads(layout, config=CONFIG):
     launch = reducer._launch
     reducer._launch = lambda bucket: (launched.append(bucket), launch(bucket))
     loss_sum = sharding.make_loss_sum_fn(layout, reducer=reducer)
-    vg = value_and_grad(lambda p, b: loss_sum(p, b, config)[0] / n)
+    vg = value_and_grad(lambda p, b: loss_sum(p, b, config, recompute=recompute)[0] / n)
     with layout.activate():
         _, grads = vg(params, sharding.local_batch(batch, layout))
         during_backward = len(launched)  # buckets whose reduction started before backward ended
         grads = reducer.finish(grads)
     return parallel.gather(grads), during_backward
+
+
+def gathered_layer_bytes_after_forward(layout, recompute, config=CONFIG) -> int:
+    """Bytes of all-gathered layer weights (ZeRO-3) still alive when the forward has returned:
+    what the graph keeps for backward. With full recomputation it keeps only the shards."""
+    params = parallel.tree.map_with_path(lambda p, x: x.detach().requires_grad_(True),
+                                         sharding.init_params(config, SEED, layout))
+    alive = []
+    gather = parallel.zero._gather_leaf
+
+    def recording(layout_, path, x, async_op):
+        out = gather(layout_, path, x, async_op)
+        if out is not x and path.startswith("layers."):
+            local = out._local_tensor  # its storage: views and re-wrappings share it
+            alive.append((StorageWeakRef(local.untyped_storage()), local.nbytes))
+        return out
+
+    parallel.zero._gather_leaf = recording
+    try:
+        with layout.activate():
+            loss, _ = sharding.make_loss_sum_fn(layout)(params, next(batches(config)), config, recompute=recompute)
+            gc.collect()
+            return sum(n for ref, n in alive if not ref.expired())
+    finally:
+        parallel.zero._gather_leaf = gather
 
 
 def describe(state) -> dict:
@@ -123,16 +150,19 @@ def main(argv):
             continue
         layout = sharding.make_layout(mesh, zero=zero, sequence_parallel=sp)
         t0 = time.time()
-        losses, params, state = run(layout, micro=micro, offload=offload)
+        recompute = opts.get("recompute", "none")
+        losses, params, state = run(layout, micro=micro, offload=offload, recompute=recompute)
         diff = max((a - b).abs().max().item() for a, b in
                    zip(parallel.tree.leaves(ref_params), parallel.tree.leaves(params)))
-        grads, buckets = first_grads(layout)
+        grads, buckets = first_grads(layout, recompute)
+        gathered = gathered_layer_bytes_after_forward(layout, recompute)
         grad_diff = max(((a - b).abs().max() / a.abs().max().clamp(min=1e-12)).item() for a, b in
                         zip(parallel.tree.leaves(ref_grads), parallel.tree.leaves(grads)))
         if mesh.rank == 0:
             print("RESULT " + json.dumps({"layout": text, "losses": losses, "ref": ref_losses,
                                           "param_diff": diff, "grad_rel_diff": grad_diff,
                                           "buckets_during_backward": buckets,
+                                          "gathered_layer_bytes_after_forward": gathered,
                                           "placements": describe(state),
                                           "seconds": time.time() - t0}), flush=True)
 
