@@ -161,6 +161,8 @@ PRESETS: dict[str, ModelConfig] = {
                              vocab_size=100008, max_seq_len=2048, norm_eps=1e-6, vocab_pinned=True),
     "aquila2-7b": ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008,
                               vocab_size=100008, max_seq_len=2048, norm_eps=1e-5, vocab_pinned=True),
+    # rope_theta is the LLaMA default here, not checked against BAAI's release: for real
+    # weights the checkpoint's config.json (ModelConfig.from_hf) is authoritative.
     "aquila2-34b": ModelConfig(dim=6144, n_layers=60, n_heads=48, n_kv_heads=8, ffn_dim=24576,
                                vocab_size=100008, max_seq_len=4096, norm_eps=1e-5,
                                vocab_pinned=True),
