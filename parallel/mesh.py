@@ -80,6 +80,16 @@ def _backend(dev: str) -> str:
     return {"cuda": "nccl", "npu": "hccl"}.get(dev, "gloo")
 
 
+def overlapping_gathers_safe(mesh: "Mesh") -> bool:
+    """Whether several asynchronous (functional-collective) all-gathers may be in flight at once.
+
+    Not on gloo: with torch 2.13, two pending `funcol.all_gather_tensor` calls on 2 CPU ranks
+    corrupt the heap within a few hundred iterations ("malloc(): unaligned tcache chunk
+    detected", or a segfault in wait_tensor); one pending call, or c10d's own async ops, do
+    not. NCCL and HCCL are built for overlapping collectives."""
+    return _backend(mesh.device) != "gloo"
+
+
 def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     """Join the torchrun process group (once); False when running as one plain process.
 

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from parallel.layout import Layout, is_dtensor, place
+from parallel.mesh import overlapping_gathers_safe
 from parallel.tree import leaves, map_with_path, named_leaves
 
 # ---------------------------------------------------------------------- stage 3: gather to compute
@@ -72,11 +73,13 @@ class GatherOnAccess(Mapping):
 
 class Prefetched(Sequence):
     """The items of a list (the layers) as GatherOnAccess views; reading item i also starts the
-    asynchronous all-gather of the next `ahead` items, so layer i+1's gather runs while layer i
-    computes. Later reads (recomputation in backward) gather synchronously."""
+    all-gather of the next `ahead` items, asynchronously where `overlap` (so layer i+1's gather
+    runs while layer i computes). Later reads (recomputation in backward) gather synchronously."""
 
-    def __init__(self, items: list, prefix: str, gather: Callable[..., Any], ahead: int = 1):
+    def __init__(self, items: list, prefix: str, gather: Callable[..., Any], ahead: int = 1,
+                 overlap: bool = True):
         self._items, self._prefix, self._gather, self._ahead = items, prefix, gather, ahead
+        self._overlap = overlap
         self._started: set[int] = set()
         self._ready: dict[str, Any] = {}
 
@@ -91,7 +94,8 @@ class Prefetched(Sequence):
             if j not in self._started:
                 self._started.add(j)
                 for path, x in named_leaves(self._items[j]):
-                    self._ready[f"{self._prefix}.{j}.{path}"] = self._gather(f"{self._prefix}.{j}.{path}", x, True)
+                    self._ready[f"{self._prefix}.{j}.{path}"] = self._gather(f"{self._prefix}.{j}.{path}", x,
+                                                                             self._overlap)
         return GatherOnAccess(self._items[i], f"{self._prefix}.{i}",
                               lambda path, x: self._gather(path, x, False), self._ready)
 
@@ -102,8 +106,9 @@ class Prefetched(Sequence):
 def compute_view(params: Any, layout: Layout, *, stream: str | None = None, ahead: int = 1) -> Any:
     """Parameters placed for computation: ZeRO-3 / FSDP shards all-gathered (their gradients are
     reduce-scattered by backward). `stream` names a top-level list (e.g. "layers") whose items
-    are gathered leaf by leaf as the model reads them, `ahead` items in advance (see Prefetched);
-    everything else is gathered now. The identity when nothing is split over a data axis."""
+    are gathered leaf by leaf as the model reads them, `ahead` items in advance (see Prefetched;
+    synchronously on gloo, see overlapping_gathers_safe); everything else is gathered now.
+    The identity when nothing is split over a data axis."""
     if not needs_gather(layout):
         return params
     if stream is None or not isinstance(params, dict) or stream not in params:
@@ -111,7 +116,8 @@ def compute_view(params: Any, layout: Layout, *, stream: str | None = None, ahea
     rest = {k: v for k, v in params.items() if k != stream}
     out = map_with_path(lambda p, x: _gather_leaf(layout, p, x, False), rest)
     out[stream] = Prefetched(list(params[stream]), stream,
-                             lambda path, x, async_op: _gather_leaf(layout, path, x, async_op), ahead)
+                             lambda path, x, async_op: _gather_leaf(layout, path, x, async_op), ahead,
+                             overlap=overlapping_gathers_safe(layout.mesh))
     return {k: out[k] for k in params}  # keep the key order
 
 

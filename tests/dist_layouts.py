@@ -88,15 +88,17 @@ def first_grads(layout, recompute="none", config=CONFIG):
     return parallel.gather(grads), during_backward
 
 
-def gathered_layer_bytes_after_forward(layout, recompute, config=CONFIG) -> int:
+def gathered_layer_bytes_after_forward(layout, recompute, config=CONFIG) -> tuple[int, int]:
     """Bytes of all-gathered layer weights (ZeRO-3) still alive when the forward has returned:
-    what the graph keeps for backward. With full recomputation it keeps only the shards."""
+    what the graph keeps for backward (with full recomputation it keeps only the shards), and
+    how many of the gathers were asynchronous (gloo must have none: overlapping_gathers_safe)."""
     params = parallel.tree.map_with_path(lambda p, x: x.detach().requires_grad_(True),
                                          sharding.init_params(config, SEED, layout))
-    alive = []
+    alive, asynchronous = [], []
     gather = parallel.zero._gather_leaf
 
     def recording(layout_, path, x, async_op):
+        asynchronous.append(async_op)
         out = gather(layout_, path, x, async_op)
         if out is not x and path.startswith("layers."):
             local = out._local_tensor  # its storage: views and re-wrappings share it
@@ -108,7 +110,7 @@ def gathered_layer_bytes_after_forward(layout, recompute, config=CONFIG) -> int:
         with layout.activate():
             loss, _ = sharding.make_loss_sum_fn(layout)(params, next(batches(config)), config, recompute=recompute)
             gc.collect()
-            return sum(n for ref, n in alive if not ref.expired())
+            return sum(n for ref, n in alive if not ref.expired()), sum(asynchronous)
     finally:
         parallel.zero._gather_leaf = gather
 
@@ -155,7 +157,7 @@ def main(argv):
         diff = max((a - b).abs().max().item() for a, b in
                    zip(parallel.tree.leaves(ref_params), parallel.tree.leaves(params)))
         grads, buckets = first_grads(layout, recompute)
-        gathered = gathered_layer_bytes_after_forward(layout, recompute)
+        gathered, async_gathers = gathered_layer_bytes_after_forward(layout, recompute)
         grad_diff = max(((a - b).abs().max() / a.abs().max().clamp(min=1e-12)).item() for a, b in
                         zip(parallel.tree.leaves(ref_grads), parallel.tree.leaves(grads)))
         if mesh.rank == 0:
@@ -163,6 +165,7 @@ def main(argv):
                                           "param_diff": diff, "grad_rel_diff": grad_diff,
                                           "buckets_during_backward": buckets,
                                           "gathered_layer_bytes_after_forward": gathered,
+                                          "async_gathers": async_gathers,
                                           "placements": describe(state),
                                           "seconds": time.time() - t0}), flush=True)
 
