@@ -4,6 +4,7 @@ Tolerances: fp32 1e-5 (same math, different kernel order); bf16 outputs 2e-2 abs
 relative (a couple of bf16 ulps, 2**-7 at magnitude 1), bf16 gradients 5e-2 (two roundings
 more on the way back).
 """
+import importlib
 import math
 
 import pytest
@@ -16,6 +17,7 @@ from ops.cross_entropy import CHUNK_LOGITS, MIN_COMPILED_LOGITS, default_chunk_s
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 GRAD_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=5e-2, rtol=5e-2)}
 DTYPES = [torch.float32, torch.bfloat16]
+attention_module = importlib.import_module("ops.attention")  # ops.attention is the function
 
 
 def _close(a, b, tol):
@@ -168,6 +170,53 @@ def test_attention_non_causal_and_head_check():
            ops.attention(q, k, v, causal=False, impl="reference"), TOL[torch.float32])
     with pytest.raises(ValueError, match="multiple"):
         ops.attention(q, k[:, :, :1].expand(-1, -1, 3, -1), v, impl="reference")
+
+
+CHUNKED_CASES = [  # (Sq, Sk, H, KV): rows not a multiple of the 128-row block, GQA 1, 2, 8;
+    (300, 300, 8, 8), (300, 300, 8, 4), (300, 300, 8, 1), (256, 256, 4, 2),  # exact blocks
+    (129, 200, 4, 2)]  # fewer queries than keys: a prefill continuing a cache
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sq,sk,h,kv", CHUNKED_CASES)
+def test_attention_chunked_matches_reference(dtype, sq, sk, h, kv):
+    inputs = _qkv(sq, sk, h, kv, dtype)
+    grad_out = torch.randn(2, sq, h, 16, dtype=dtype)
+    ref, ref_g = _run(lambda *a: ops.attention(*a, impl="reference"), inputs, grad_out)
+    out, g = _run(attention_module.attention_chunked, inputs, grad_out)
+    assert out.dtype == dtype and out.shape == ref.shape
+    _close(out, ref, TOL[dtype])
+    for a, b in zip(g, ref_g):
+        assert a.dtype == dtype and a.shape == b.shape
+        _close(a, b, GRAD_TOL[dtype])
+
+
+def test_attention_chunked_keeps_float64():
+    inputs = _qkv(150, 150, 4, 2, torch.float64)
+    grad_out = torch.randn(2, 150, 4, 16, dtype=torch.float64)
+    ref, ref_g = _run(lambda *a: ops.attention(*a, impl="reference", scale=0.2), inputs, grad_out)
+    out, g = _run(lambda *a: attention_module.attention_chunked(*a, scale=0.2), inputs, grad_out)
+    for a, b in zip((out, *g), (ref, *ref_g)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_attention_fused_takes_chunked_kernel_for_long_bf16_prefill(monkeypatch):
+    calls = []
+    chunked = attention_module.attention_chunked
+    monkeypatch.setattr(attention_module, "attention_chunked",
+                        lambda *a, **kw: calls.append(a[0].dtype) or chunked(*a, **kw))
+    n = attention_module.CHUNKED_MIN_QUERIES
+    q, k, v = _qkv(n, n, 4, 2, torch.bfloat16, b=1)
+    _close(ops.attention(q, k, v, impl="fused", scale=0.3),
+           ops.attention(q, k, v, impl="reference", scale=0.3), TOL[torch.bfloat16])
+    assert calls == [torch.bfloat16]
+    ops.attention(q.float(), k.float(), v.float(), impl="fused")          # fp32: SDPA
+    ops.attention(q[:, :-1], k, v, impl="fused", mask=torch.ones(1, 1, 1, n, dtype=torch.bool))
+    ops.attention(q[:, : n - 1], k[:, : n - 1], v[:, : n - 1], impl="fused")  # too short
+    assert calls == [torch.bfloat16]
+    compiled = torch.compile(lambda q, k, v: ops.attention(q, k, v), fullgraph=True)
+    _close(compiled(q, k, v), ops.attention(q, k, v, impl="reference"), TOL[torch.bfloat16])
+    assert calls == [torch.bfloat16]  # inside torch.compile: SDPA, which inductor lowers
 
 
 # ----------------------------------------------------------------------------- cross_entropy
