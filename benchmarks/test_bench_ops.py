@@ -2,18 +2,22 @@
 group per (op, dtype, mode). Targets: every fast path at least as fast as its reference;
 attention at 1024 tokens at least 2x; fused cross-entropy at vocab 100,008 at most 1/4 of
 the reference's peak memory."""
+import importlib
+
 import pytest
 import torch
 
 import ops
 
+ATTENTION = importlib.import_module("ops.attention")  # the module (ops.attention is the function)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = ["fwd", "fwd+bwd"]
 FAST = {"rms_norm": "fused", "rotary": "fused", "swiglu": "fused", "attention": "fused"}
 # Causal flash attention skips the masked half of the scores, so at equal matmul speed its
 # forward is ~2x the plain-math reference: the target. Its backward recomputes the scores
 # (5 half-size matmuls against the reference's 4 full ones), which bounds fp32 forward +
-# backward near 1.7x; the bf16 reference is slower, so that case gets further.
+# backward near 1.7x. In bf16 the chunked kernel's P @ V (and its backward's matmuls) run in
+# bf16 while the reference computes in fp32, so bf16 gets further (2.8x / 2.2x measured).
 MIN_SPEEDUP = {("attention", "fwd"): 2.0, ("attention", "fwd+bwd"): 1.4}
 
 
@@ -37,6 +41,8 @@ def _workload(op, dtype, mode, impl):
     elif op == "attention":  # batch 1, 1024 tokens, 32 heads of 128, causal
         inputs = [rand(1, 1024, 32, 128), rand(1, 1024, 32, 128), rand(1, 1024, 32, 128)]
         call = lambda q, k, v: ops.attention(q, k, v, causal=True, impl=impl)  # noqa: E731
+        if impl == "sdpa":  # the peer that auto's choice of kernel is measured against
+            call = lambda q, k, v: ATTENTION.attention_sdpa(q, k, v, causal=True)  # noqa: E731
     elif op == "attention_decode":  # one query against a 1024-token cache
         inputs = [rand(1, 1, 32, 128), rand(1, 1024, 32, 128), rand(1, 1024, 32, 128)]
         call = lambda q, k, v: ops.attention(q, k, v, causal=True, impl=impl)  # noqa: E731
@@ -81,6 +87,16 @@ def test_bench_ops_fast(timed, op, dt, mode):
     timed(_workload(op, DTYPES[dt], mode, impl), case=_case(op, dt, mode),
           rounds=_rounds(op, mode), reference=_workload(op, DTYPES[dt], mode, "reference"),
           min_speedup=min_speedup)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bench_ops_attention_bf16_vs_sdpa(timed, mode):
+    """auto takes the chunked kernel for long bf16 prefill on CPU because it beats SDPA there:
+    timed against SDPA in the same run. The forward must be at least as fast (measured 1.3x);
+    forward+backward, measured 1.01-1.12x, is recorded, not asserted: at parity noise decides."""
+    timed(_workload("attention", torch.bfloat16, mode, "fused"), case=f"attention bf16 {mode} vs sdpa",
+          rounds=_rounds("attention", mode), reference=_workload("attention", torch.bfloat16, mode, "sdpa"),
+          min_speedup=1.0 if mode == "fwd" else None)
 
 
 # ----------------------------------------------------------------------------- cross_entropy
