@@ -64,6 +64,17 @@ def attention_sdpa(q, k, v, *, causal=True, mask=None, scale=None):
     return out.transpose(1, 2)
 
 
+def _grouped(x: torch.Tensor, g: int) -> torch.Tensor:
+    """[B, S, H, d] -> [B, KV, G, S, d] (a view): query head kv * G + j reads kv head kv."""
+    b, s, h, d = x.shape
+    return x.view(b, s, h // g, g, d).permute(0, 2, 3, 1, 4)
+
+
+def _ungrouped(x: torch.Tensor) -> torch.Tensor:
+    b, kv, g, s, d = x.shape
+    return x.permute(0, 3, 1, 2, 4).reshape(b, s, kv * g, d)
+
+
 def attention_decode(q, k, v, *, mask=None, scale=None):
     """One query per sequence against a KV cache: grouped matmuls over views of the cache
     (no repeat of K/V per query head, no layout copies), softmax in fp32. On CPU this beats
@@ -73,7 +84,7 @@ def attention_decode(q, k, v, *, mask=None, scale=None):
     g = h // kv
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     acc = torch.promote_types(q.dtype, torch.float32)
-    qg = q.reshape(b, sq, kv, g, d).permute(0, 2, 3, 1, 4).reshape(b, kv, g * sq, d)
+    qg = _grouped(q, g).reshape(b, kv, g * sq, d)
     scores = torch.matmul(qg.to(acc), k.permute(0, 2, 3, 1).to(acc)) * scale  # [B, KV, G, Sk]
     keep = None
     if mask is not None:
@@ -83,7 +94,7 @@ def attention_decode(q, k, v, *, mask=None, scale=None):
     if keep is not None:
         probs = probs.masked_fill(~keep, 0.0)  # rows with no key: zeros, as in the reference
     out = torch.matmul(probs, v.permute(0, 2, 1, 3).to(acc))                  # [B, KV, G, d]
-    return out.reshape(b, kv, g, sq, d).permute(0, 3, 1, 2, 4).reshape(b, sq, h, d).to(q.dtype)
+    return _ungrouped(out.view(b, kv, g, sq, d)).to(q.dtype)
 
 
 # The chunked kernel is auto's choice on CPU for causal bf16 prefill of at least this many
@@ -114,20 +125,8 @@ def _block_scores(qs, kt, i, e, kend):
     n = e - i
     scores = torch.matmul(qs[:, :, :, i:e].reshape(b, kv, g * n, d), kt[..., :kend])
     scores = scores.view(b, kv, g, n, kend)
-    tri = torch.ones(n, n, dtype=torch.bool, device=qs.device).triu_(1)
-    scores[..., kend - n:].masked_fill_(tri, float("-inf"))
+    scores[..., kend - n:].masked_fill_(~_causal_keep(n, n, qs.device), float("-inf"))
     return scores
-
-
-def _grouped(x: torch.Tensor, g: int) -> torch.Tensor:
-    """[B, S, H, d] -> [B, KV, G, S, d] (a view): query head kv * G + j reads kv head kv."""
-    b, s, h, d = x.shape
-    return x.view(b, s, h // g, g, d).permute(0, 2, 3, 1, 4)
-
-
-def _ungrouped(x: torch.Tensor) -> torch.Tensor:
-    b, kv, g, s, d = x.shape
-    return x.permute(0, 3, 1, 2, 4).reshape(b, s, kv * g, d)
 
 
 class _ChunkedCausal(torch.autograd.Function):
@@ -186,6 +185,9 @@ def _scaled_queries_keys(q, k, scale):
 
 def attention_chunked(q, k, v, *, scale=None):
     """Causal attention (Sq <= Sk, no mask) in blocks of query rows: see _ChunkedCausal."""
+    if q.shape[1] > k.shape[1] or q.shape[2] % k.shape[2]:
+        raise ValueError(f"attention_chunked needs at most as many queries as keys and query heads "
+                         f"a multiple of kv heads; got q {tuple(q.shape)}, k {tuple(k.shape)}")
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
     return _ChunkedCausal.apply(q, k, v, scale)
 

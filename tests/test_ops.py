@@ -200,6 +200,11 @@ def test_attention_chunked_keeps_float64():
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
+def test_attention_chunked_rejects_more_queries_than_keys():
+    with pytest.raises(ValueError, match=r"at most as many queries as keys.*q \(2, 9, 4, 16\)"):
+        attention_module.attention_chunked(*_qkv(9, 8, 4, 2, torch.float32))
+
+
 def test_attention_fused_takes_chunked_kernel_for_long_bf16_prefill(monkeypatch):
     calls = []
     chunked = attention_module.attention_chunked
