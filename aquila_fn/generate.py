@@ -221,7 +221,7 @@ class _Batch:
     tokens: torch.Tensor     # [B, P] left-padded prompts
     pads: torch.Tensor       # [B] padding slots per row
     positions: torch.Tensor  # [B, P] rotary positions (padding clamped to 0)
-    key_mask: torch.Tensor   # [B, max_len] True = a real token may sit in this slot
+    key_mask: torch.Tensor | None  # [B, max_len] True = a real token may sit here; None: no padding
     max_len: int             # cache length
 
     @property
@@ -350,9 +350,11 @@ class Decoder:
         max_len = _round_up(p + max_new_tokens, self.cache_bucket)
         tokens, pads = left_pad(prompts, p)
         positions = (torch.arange(p)[None, :] - pads[:, None]).clamp(min=0)
-        key_mask = torch.arange(max_len)[None, :] >= pads[:, None]
         to = dict(device=self.device)
-        return _Batch(tokens.to(**to), pads.to(**to), positions.to(**to), key_mask.to(**to), max_len)
+        key_mask = None  # no padding: causality alone, and the prefill takes the causal kernels
+        if bool(pads.any()):
+            key_mask = (torch.arange(max_len)[None, :] >= pads[:, None]).to(**to)
+        return _Batch(tokens.to(**to), pads.to(**to), positions.to(**to), key_mask, max_len)
 
     def new_cache(self, batch: int, max_len: int):
         return init_cache(self.config, batch, max_len, dtype=self.dtype, device=self.device)

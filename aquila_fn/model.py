@@ -158,8 +158,23 @@ def _linear(x: torch.Tensor, w: torch.Tensor | dict) -> torch.Tensor:
     return x @ w.to(x.dtype).T
 
 
+def _update_cache(kv: dict, slots: slice | torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Write the new keys/values into their cache slots; return the keys/values to attend to.
+    A slice (prefill or extension at a known position) reads back only the filled prefix, so
+    attention does no work on empty slots and, without padding, needs no mask (its causal
+    kernels: flash, npu sparse mode). A tensor of slots (the compiled decode step, whose
+    position is data) reads the whole static cache; the mask hides the empty slots."""
+    if isinstance(slots, slice):
+        kv["k"][:, slots] = k.to(kv["k"].dtype)
+        kv["v"][:, slots] = v.to(kv["v"].dtype)
+        return kv["k"][:, :slots.stop], kv["v"][:, :slots.stop]
+    kv["k"].index_copy_(1, slots, k.to(kv["k"].dtype))
+    kv["v"].index_copy_(1, slots, v.to(kv["v"].dtype))
+    return kv["k"], kv["v"]
+
+
 def _attention_block(p: Params, x: torch.Tensor, cos, sin, config: ModelConfig, kv: dict | None,
-                     slots: torch.Tensor | None, mask: torch.Tensor | None, impl: str,
+                     slots: slice | torch.Tensor | None, mask: torch.Tensor | None, impl: str,
                      recompute_core: bool) -> torch.Tensor:
     b, s, _ = x.shape
     hd, h, kvh = config.head_dim, config.n_heads, config.n_kv_heads
@@ -171,9 +186,8 @@ def _attention_block(p: Params, x: torch.Tensor, cos, sin, config: ModelConfig, 
     k = ops.rotary(k.view(b, s, kvh, hd), cos, sin, impl=impl)
     v = v.view(b, s, kvh, hd)
     if kv is not None:
-        kv["k"].index_copy_(1, slots, k.to(kv["k"].dtype))
-        kv["v"].index_copy_(1, slots, v.to(kv["v"].dtype))
-        k, v = kv["k"].to(q.dtype), kv["v"].to(q.dtype)
+        k, v = _update_cache(kv, slots, k, v)
+        k, v = k.to(q.dtype), v.to(q.dtype)
     causal = mask is None
 
     def core(q, k, v):
@@ -201,11 +215,13 @@ def _layer(p: Params, h: torch.Tensor, cos, sin, config: ModelConfig, kv, slots,
 
 
 def _attention_mask(batch: int, q_len: int, k_len: int, start_pos, attn_mask, device) -> torch.Tensor | None:
-    """Boolean [B, 1, Sq, Sk] mask (True = may attend) when a cache or padding needs one; else None
-    and the attention op applies its own causal mask."""
+    """Boolean [B, 1, Sq, Sk] mask (True = may attend) when padding or a whole static cache needs
+    one; else None and the attention op applies its own causal mask. Without a cache, or at a
+    Python-int position (the keys are the filled prefix, see _cache_slots), causality is the op's
+    bottom-right aligned mask."""
+    if attn_mask is None and not isinstance(start_pos, torch.Tensor):
+        return None
     if start_pos is None:
-        if attn_mask is None:
-            return None
         start_pos = 0
     q_slot = start_pos + torch.arange(q_len, device=device)
     k_slot = torch.arange(k_len, device=device)
@@ -215,6 +231,20 @@ def _attention_mask(batch: int, q_len: int, k_len: int, start_pos, attn_mask, de
         # A padding query has no valid key; letting it see itself keeps softmax finite.
         allowed = allowed & (valid | (k_slot[None, :] == q_slot[:, None])[None, None])
     return allowed.expand(batch, 1, q_len, k_len)
+
+
+def _cache_slots(cache: list | None, start_pos: int | torch.Tensor, s: int, device):
+    """(the cache slots the tokens go to, the number of keys attention sees). At a Python-int
+    position the slots are a slice and attention sees the filled prefix; at a tensor position,
+    a tensor of slots and the whole cache."""
+    if cache is None:
+        return None, s
+    if isinstance(start_pos, int):
+        if start_pos < 0 or start_pos + s > cache[0]["k"].shape[1]:
+            raise ValueError(f"slots {start_pos}..{start_pos + s - 1} do not fit a cache of "
+                             f"{cache[0]['k'].shape[1]} slots")
+        return slice(start_pos, start_pos + s), start_pos + s
+    return start_pos + torch.arange(s, device=device), cache[0]["k"].shape[1]
 
 
 def head_weight(params: Params) -> torch.Tensor:
@@ -238,7 +268,7 @@ def rotary_tables(config: ModelConfig, positions: torch.Tensor, dtype: torch.dty
 
 
 def run_layers(layers, h: torch.Tensor, cos, sin, config: ModelConfig, *, cache: list | None = None,
-               slots: torch.Tensor | None = None, mask: torch.Tensor | None = None, impl: str = "auto",
+               slots: slice | torch.Tensor | None = None, mask: torch.Tensor | None = None, impl: str = "auto",
                recompute: str = "none") -> torch.Tensor:
     """The decoder layers over the hidden state, with the chosen recomputation policy."""
     if recompute not in RECOMPUTE_POLICIES:
@@ -269,8 +299,10 @@ def forward(params: Params, tokens: torch.Tensor, config: ModelConfig, *, cache:
     """Logits [B, S, V] (fp32) for `tokens` [B, S], and the cache.
 
     With a cache, the tokens occupy slots start_pos..start_pos+S-1 and attend to every earlier
-    slot. `positions` [B, S] overrides the rotary positions (left-padded batches); `attn_mask`
-    [B, S_keys] marks real tokens (True) against padding. `return_hidden` returns the final
+    slot. At a Python-int start_pos (a prefill) attention reads only slots 0..start_pos+S-1; a
+    0-d tensor start_pos (the compiled decode step) reads the whole cache under a mask, so one
+    graph serves every step. `positions` [B, S] overrides the rotary positions (left-padded
+    batches); `attn_mask` [B, S_keys] marks real tokens (True) against padding. `return_hidden` returns the final
     normed hidden state instead of logits (the fused loss projects it itself).
     """
     if not torch.compiler.is_compiling():
@@ -282,8 +314,7 @@ def forward(params: Params, tokens: torch.Tensor, config: ModelConfig, *, cache:
         positions = start_pos + torch.arange(s, device=device)
     cos, sin = rotary_tables(config, positions, h.dtype)
 
-    slots = None if cache is None else start_pos + torch.arange(s, device=device)
-    k_len = cache[0]["k"].shape[1] if cache is not None else s
+    slots, k_len = _cache_slots(cache, start_pos, s, device)
     mask = _attention_mask(b, s, k_len, start_pos if cache is not None else None, attn_mask, device)
     h = run_layers(params["layers"], h, cos, sin, config, cache=cache, slots=slots, mask=mask, impl=impl,
                    recompute=recompute)

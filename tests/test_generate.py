@@ -54,6 +54,19 @@ def test_batched_equals_alone(params, compile):
         assert out.tokens == alone.tokens
 
 
+@pytest.mark.parametrize("compile", [False, "eager"])
+def test_unpadded_batch_has_no_key_mask_and_equals_alone(params, compile):
+    """Prompts of one length need no padding mask: the prefill runs plain causal attention."""
+    d = Decoder(params, CONFIG, compile=compile)
+    same = [PROMPTS[1], PROMPTS[1][::-1]]
+    assert Decoder(params, CONFIG).layout(same, 4).key_mask is None
+    assert Decoder(params, CONFIG).layout(PROMPTS, 4).key_mask is not None
+    batched = d.generate(same, max_new_tokens=6)
+    for prompt, out in zip(same, batched):
+        [alone] = d.generate([prompt], max_new_tokens=6)
+        assert out.tokens == alone.tokens
+
+
 def test_rows_stop_on_their_own(params):
     d = Decoder(params, CONFIG)
     free = d.generate(PROMPTS, max_new_tokens=12)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import aquila_fn as af
+import ops
 from aquila_fn import pytree
 from aquila_fn.model import TokenError, init_cache, init_leaf, param_shapes
 
@@ -51,6 +52,41 @@ def test_decoding_with_cache_equals_full_recompute():
         logits, cache = af.forward(params, tokens[:, t:t + 1], CFG, cache=cache, start_pos=t)
         steps.append(logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_at_int_position_attends_to_filled_slots_without_mask(monkeypatch):
+    """A prefill or extension at a Python-int position attends only to the filled slots, with the
+    op's own causal mask (so the causal kernels run); a tensor position, as in the compiled
+    decode step, reads the whole static cache under a mask. All agree with the full forward."""
+    params = af.init_params(CFG, 0)
+    tokens = _tokens(2, 9)
+    full, _ = af.forward(params, tokens, CFG)
+    calls, attention = [], ops.attention
+
+    def spy(q, k, v, *, mask=None, **kw):
+        calls.append((q.shape[1], k.shape[1], mask is not None))
+        return attention(q, k, v, mask=mask, **kw)
+
+    monkeypatch.setattr(ops, "attention", spy)
+    cache = init_cache(CFG, batch=2, max_len=32)
+    first, cache = af.forward(params, tokens[:, :6], CFG, cache=cache, start_pos=0)
+    rest, _ = af.forward(params, tokens[:, 6:], CFG, cache=cache, start_pos=6)
+    assert set(calls) == {(6, 6, False), (3, 9, False)}  # (queries, keys, masked) per layer
+    torch.testing.assert_close(torch.cat([first, rest], dim=1), full, rtol=1e-5, atol=1e-5)
+
+    calls.clear()
+    cache = init_cache(CFG, batch=2, max_len=32)
+    _, cache = af.forward(params, tokens[:, :6], CFG, cache=cache, start_pos=0)
+    rest, _ = af.forward(params, tokens[:, 6:], CFG, cache=cache, start_pos=torch.tensor(6))
+    assert (3, 32, True) in calls
+    torch.testing.assert_close(rest, full[:, 6:], rtol=1e-5, atol=1e-5)
+
+
+def test_tokens_past_the_cache_are_named():
+    params = af.init_params(CFG, 0)
+    cache = init_cache(CFG, batch=1, max_len=8)
+    with pytest.raises(ValueError, match=r"slots 6\.\.9 do not fit a cache of 8 slots"):
+        af.forward(params, _tokens(1, 4), CFG, cache=cache, start_pos=6)
 
 
 def test_padding_mask_left_padded_row_equals_unpadded():
