@@ -13,6 +13,7 @@ step (aquila_fn.train) on a mesh. The mechanism lives in `parallel/`; this file 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -24,7 +25,7 @@ from aquila_fn import model, train
 from aquila_fn.config import ModelConfig
 from parallel.grads import GradReducer
 from parallel.layout import Layout, local_rows, local_value, shard_batch
-from parallel.zero import compute_view
+from parallel.zero import ReshardAfterForward, compute_view, needs_gather
 
 # Megatron tensor parallelism: column-split q/k/v and gate/up (dim 0 = output features over
 # tp), row-split o and down (dim 1 = input features over tp), vocabulary-parallel embedding and
@@ -93,7 +94,8 @@ def _all_reduce(value: float, layout: Layout, dtype=torch.float64) -> float:
 def make_loss_sum_fn(layout: Layout, *, reducer: GradReducer | None = None,
                      context: _StepContext | None = None) -> Callable:
     """`loss_sum(params, local_batch, config, **kw) -> (local loss sum, local tokens)` computed
-    on the mesh: parameters gathered for computation (ZeRO-3 with prefetch), the batch split
+    on the mesh: parameters gathered for computation (ZeRO-3 with prefetch, resharded after
+    forward: backward gathers each saved weight again, see ReshardAfterForward), the batch split
     over the data axes, the model run on DTensors. Returns this rank's partial sums as plain
     tensors (the gradient flows back into the DTensor parameters)."""
 
@@ -102,8 +104,9 @@ def make_loss_sum_fn(layout: Layout, *, reducer: GradReducer | None = None,
         with layout.activate():
             if reducer is not None:
                 reducer.watch(params)
-            p = compute_view(params, layout, stream=LAYERS)
-            total, n = model.loss_sum_fn(p, shard_batch(batch, layout), config, **kw)
+            with ReshardAfterForward() if needs_gather(layout) else contextlib.nullcontext() as reshard:
+                p = compute_view(params, layout, stream=LAYERS, reshard=reshard)
+                total, n = model.loss_sum_fn(p, shard_batch(batch, layout), config, **kw)
             total, n = local_value(total), local_value(n)
         if context is not None:
             context.raw_sums.append(total.detach())

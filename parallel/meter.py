@@ -167,7 +167,8 @@ def _storage(t: torch.Tensor):
 @dataclass
 class SavedMeter:
     """Bytes saved for backward while active, each storage once, excluding the storages of
-    `exclude` (the parameters, counted as parameters)."""
+    `exclude` (the parameters, counted as parameters). Saved-tensor hooks opened inside it
+    (checkpoint's, ZeRO-3's ReshardAfterForward) take precedence: what they save is not seen."""
 
     exclude: list = field(default_factory=list)
     bytes: int = 0
@@ -196,7 +197,9 @@ class SavedMeter:
 
 def graph_saved_bytes(output: torch.Tensor, exclude: list = ()) -> int:
     """Bytes of the distinct storages the autograd graph behind `output` has saved (read off
-    the graph's nodes, so independent of `SavedMeter`'s hooks), excluding those of `exclude`."""
+    the graph's nodes, so independent of `SavedMeter`'s hooks), excluding those of `exclude`.
+    Reading a saved tensor runs its unpack hook: under ZeRO-3 that re-gathers the weight (a
+    collective, so every rank must call this), and the re-gathered bytes count."""
     excluded = {_storage(x)[0] for x in exclude if isinstance(x, torch.Tensor)}
     seen: dict[int, int] = {}
     visited, stack = set(), [output.grad_fn]

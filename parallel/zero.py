@@ -42,6 +42,86 @@ def _gather_leaf(layout: Layout, path: str, x, async_op: bool):
     return x.redistribute(x.device_mesh, target, async_op=async_op)
 
 
+def _plain_local(t):
+    """The plain tensor holding a DTensor's (or tensor's) data on this rank."""
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    x = t._local_tensor if is_dtensor(t) else t
+    return x.elem if isinstance(x, AsyncCollectiveTensor) else x
+
+
+class _SavedGather:
+    """What autograd keeps, under ReshardAfterForward, in place of a saved view of a gathered
+    weight: how to gather it again and which view of it was saved."""
+
+    def __init__(self, regather: Callable[[], Any], saved, local: torch.Tensor):
+        self.regather = regather
+        self.view = (local.size(), local.stride(), local.storage_offset())
+        self.nbytes = local.untyped_storage().nbytes()
+        self.spec = (saved.device_mesh, saved.placements, saved.shape, saved.stride()) \
+            if is_dtensor(saved) else None
+
+    def rebuild(self):
+        from torch.distributed._functional_collectives import AsyncCollectiveTensor
+        from torch.distributed.tensor import DTensor
+
+        with torch.no_grad():
+            full = self.regather()
+        local = full._local_tensor if is_dtensor(full) else full
+        if isinstance(local, AsyncCollectiveTensor):
+            local = local.wait()
+        if local.untyped_storage().nbytes() != self.nbytes:  # the view below would read garbage
+            raise RuntimeError(f"re-gathered weight has {local.untyped_storage().nbytes()} bytes, "
+                               f"the saved one had {self.nbytes}")
+        view = local.as_strided(*self.view)
+        if self.spec is None:
+            return view
+        mesh, placements, shape, stride = self.spec
+        return DTensor.from_local(view, mesh, placements, run_check=False, shape=shape, stride=stride)
+
+
+class ReshardAfterForward:
+    """Saved-tensor hooks for ZeRO-3 without recomputation: when autograd saves a gathered
+    weight (or a view of one) for backward, it keeps how to gather it again instead, and
+    backward re-gathers it when it reads it. So no gathered weight outlives its layer's forward
+    (FSDP's reshard after forward) for any recomputation policy, at the price of one more
+    all-gather per saved use in backward. Inside recomputed regions (recompute="full")
+    checkpoint's own hooks apply: there the whole layer, gathers included, is recomputed."""
+
+    def __init__(self):
+        self._gathered: dict[int, tuple] = {}  # storage id -> (weak ref to it, regather)
+
+    def track(self, gathered, regather: Callable[[], Any]):
+        """Note that `gathered` can be rebuilt by calling `regather()`; returns `gathered`."""
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        ref = StorageWeakRef(_plain_local(gathered).untyped_storage())
+        self._gathered[ref.cdata] = (ref, regather)
+        return gathered
+
+    def _pack(self, t):
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        local = _plain_local(t)
+        # (a weak ref keeps its storage's address from being reused, so cdata is unambiguous)
+        entry = self._gathered.get(StorageWeakRef(local.untyped_storage()).cdata)
+        if entry is None or entry[0].expired():
+            return t
+        return _SavedGather(entry[1], t, local)
+
+    @staticmethod
+    def _unpack(x):
+        return x.rebuild() if isinstance(x, _SavedGather) else x
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+
 class GatherOnAccess(Mapping):
     """A read-only view of one item's sharded subtree whose leaves are all-gathered when read.
 
@@ -103,20 +183,29 @@ class Prefetched(Sequence):
         return (self[i] for i in range(len(self)))
 
 
-def compute_view(params: Any, layout: Layout, *, stream: str | None = None, ahead: int = 1) -> Any:
+def compute_view(params: Any, layout: Layout, *, stream: str | None = None, ahead: int = 1,
+                 reshard: ReshardAfterForward | None = None) -> Any:
     """Parameters placed for computation: ZeRO-3 / FSDP shards all-gathered (their gradients are
     reduce-scattered by backward). `stream` names a top-level list (e.g. "layers") whose items
     are gathered leaf by leaf as the model reads them, `ahead` items in advance (see Prefetched;
     synchronously on gloo, see overlapping_gathers_safe); everything else is gathered now.
+    With `reshard` (active while the forward runs), every gathered leaf is tracked so that
+    autograd keeps it as a re-gather, not as the gathered tensor.
     The identity when nothing is split over a data axis."""
     if not needs_gather(layout):
         return params
+
+    def gather(path, x, async_op=False):
+        out = _gather_leaf(layout, path, x, async_op)
+        if reshard is not None and out is not x:
+            reshard.track(out, lambda: _gather_leaf(layout, path, x, False))
+        return out
+
     if stream is None or not isinstance(params, dict) or stream not in params:
-        return map_with_path(lambda p, x: _gather_leaf(layout, p, x, False), params)
+        return map_with_path(gather, params)
     rest = {k: v for k, v in params.items() if k != stream}
-    out = map_with_path(lambda p, x: _gather_leaf(layout, p, x, False), rest)
-    out[stream] = Prefetched(list(params[stream]), stream,
-                             lambda path, x, async_op: _gather_leaf(layout, path, x, async_op), ahead,
+    out = map_with_path(gather, rest)
+    out[stream] = Prefetched(list(params[stream]), stream, gather, ahead,
                              overlap=overlapping_gathers_safe(layout.mesh))
     return {k: out[k] for k in params}  # keep the key order
 

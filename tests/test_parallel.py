@@ -150,6 +150,7 @@ LAYOUTS_2 = {
     "dp=2;zero=3": ("(Shard(dim=1),)", "(Shard(dim=1),)"),
     "fsdp=2": ("(Shard(dim=1),)", "(Shard(dim=1),)"),
     "fsdp=2;recompute=full": ("(Shard(dim=1),)", "(Shard(dim=1),)"),
+    "fsdp=2;recompute=selective": ("(Shard(dim=1),)", "(Shard(dim=1),)"),
     "tp=2": ("(Shard(dim=0),)", "(Shard(dim=0),)"),
     "tp=2;sp": ("(Shard(dim=0),)", "(Shard(dim=0),)"),
     "dp=2;zero=1;offload": ("(Replicate(),)", "(Shard(dim=1),)"),
@@ -183,12 +184,11 @@ def check_layouts(records: list[dict], expected: dict) -> None:
             # replicated parameters: gradient buckets were reduced while backward still ran
             assert r["buckets_during_backward"] > 0, r
         assert (r["placements"]["param"], r["placements"]["moment"]) == expected[r["layout"]], r
-        if r["layout"].startswith("fsdp=2"):
-            # ZeRO-3 reshards after forward when the layers are recomputed: backward gathers
-            # them again, so no gathered layer weight outlives the forward (without
-            # recomputation the graph holds them for backward)
-            held = r["gathered_layer_bytes_after_forward"]
-            assert (held == 0) if "recompute=full" in r["layout"] else (held > 0), r
+        if "fsdp" in axes or "zero=3" in r["layout"]:
+            # ZeRO-3 reshards after forward under every recomputation policy: the graph keeps
+            # re-gathers, not gathered weights (parallel.zero.ReshardAfterForward), and
+            # recomputed layers gather theirs again anyway
+            assert r["gathered_layer_bytes_after_forward"] == 0, r
         if "async_gathers" in r:
             # gloo corrupts the heap with overlapping functional all-gathers: the ZeRO-3
             # prefetch runs synchronously there (parallel.mesh.overlapping_gathers_safe)

@@ -14,7 +14,10 @@ from dist_launch import ROOT, TESTS, results, torchrun
 from aquila_fn.config import get_config
 
 CASES = ["tp=2/0/0/none", "tp=2/0/1/none", "dp=2/1/0/selective", "dp=2/2/0/none", "dp=2/3/0/none"]
-LOWER_BOUND = {"tp=2/0/0/none": 0.9, "tp=2/0/1/none": 0.7, "dp=2/3/0/none": 0.5}  # the plan's share of the real bytes, at least (gloo's staging varies from run to run)
+# the plan's share of the real bytes, at least (gloo's staging varies from run to run). Under
+# ZeRO-3 gloo's all-gathers keep about one gathered copy of the weights (~12 MiB here) that the
+# plan does not have, with or without recomputation; the forward itself keeps no gathered weight.
+LOWER_BOUND = {"tp=2/0/0/none": 0.9, "tp=2/0/1/none": 0.7, "dp=2/3/0/none": 0.4}
 BATCH, SEQ = "4", "64"
 
 
