@@ -105,7 +105,7 @@ def make_loss_sum_fn(layout: Layout, *, reducer: GradReducer | None = None,
             if reducer is not None:
                 reducer.watch(params)
             with ReshardAfterForward() if needs_gather(layout) else contextlib.nullcontext() as reshard:
-                p = compute_view(params, layout, stream=LAYERS, reshard=reshard)
+                p = compute_view(params, layout, stream=LAYERS, reshard=reshard, dtype=kw.get("compute_dtype"))
                 total, n = model.loss_sum_fn(p, shard_batch(batch, layout), config, **kw)
             total, n = local_value(total), local_value(n)
         if context is not None:

@@ -130,16 +130,17 @@ class GatherOnAccess(Mapping):
     freed after the layer's forward and gathered again when backward recomputes the layer
     (ZeRO-3's reshard after forward). A leaf gathered ahead of time is used once, then dropped."""
 
-    def __init__(self, tree: dict, prefix: str, gather: Callable[[str, Any], Any], ready: dict):
+    def __init__(self, tree: dict, prefix: str, gather: Callable[[str, Any], Any], ready: dict,
+                 finish: Callable[[str, Any, Any], Any] | None = None):
         self._tree, self._prefix, self._gather, self._ready = tree, prefix, gather, ready
+        self._finish = finish or (lambda path, leaf, out: out)
 
     def __getitem__(self, key):
         child, path = self._tree[key], f"{self._prefix}.{key}"
         if isinstance(child, dict):
-            return GatherOnAccess(child, path, self._gather, self._ready)
-        if path in self._ready:
-            return self._ready.pop(path)
-        return self._gather(path, child)
+            return GatherOnAccess(child, path, self._gather, self._ready, self._finish)
+        out = self._ready.pop(path) if path in self._ready else self._gather(path, child)
+        return self._finish(path, child, out)
 
     def __contains__(self, key) -> bool:  # Mapping's default would gather the leaf to find out
         return key in self._tree
@@ -157,9 +158,9 @@ class Prefetched(Sequence):
     runs while layer i computes). Later reads (recomputation in backward) gather synchronously."""
 
     def __init__(self, items: list, prefix: str, gather: Callable[..., Any], ahead: int = 1,
-                 overlap: bool = True):
+                 overlap: bool = True, finish: Callable[[str, Any, Any], Any] | None = None):
         self._items, self._prefix, self._gather, self._ahead = items, prefix, gather, ahead
-        self._overlap = overlap
+        self._overlap, self._finish = overlap, finish
         self._started: set[int] = set()
         self._ready: dict[str, Any] = {}
 
@@ -177,20 +178,22 @@ class Prefetched(Sequence):
                     self._ready[f"{self._prefix}.{j}.{path}"] = self._gather(f"{self._prefix}.{j}.{path}", x,
                                                                              self._overlap)
         return GatherOnAccess(self._items[i], f"{self._prefix}.{i}",
-                              lambda path, x: self._gather(path, x, False), self._ready)
+                              lambda path, x: self._gather(path, x, False), self._ready, self._finish)
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
 
 def compute_view(params: Any, layout: Layout, *, stream: str | None = None, ahead: int = 1,
-                 reshard: ReshardAfterForward | None = None) -> Any:
+                 reshard: ReshardAfterForward | None = None, dtype: torch.dtype | None = None) -> Any:
     """Parameters placed for computation: ZeRO-3 / FSDP shards all-gathered (their gradients are
     reduce-scattered by backward). `stream` names a top-level list (e.g. "layers") whose items
     are gathered leaf by leaf as the model reads them, `ahead` items in advance (see Prefetched;
     synchronously on gloo, see overlapping_gathers_safe); everything else is gathered now.
     With `reshard` (active while the forward runs), every gathered leaf is tracked so that
-    autograd keeps it as a re-gather, not as the gathered tensor.
+    autograd keeps it as a re-gather, not as the gathered tensor. `dtype` (the compute dtype)
+    hands the stream's matrices out already cast, so that the cast copy, which the matmul
+    saves, is tracked too (the model's own cast is then a no-op; the values are the same).
     The identity when nothing is split over a data axis."""
     if not needs_gather(layout):
         return params
@@ -201,12 +204,21 @@ def compute_view(params: Any, layout: Layout, *, stream: str | None = None, ahea
             reshard.track(out, lambda: _gather_leaf(layout, path, x, False))
         return out
 
+    def in_compute_dtype(path, x, out):
+        if dtype is None or out is x or out.dim() != 2 or out.dtype == dtype \
+                or not out.is_floating_point():
+            return out
+        cast = out.to(dtype)
+        if reshard is not None:
+            reshard.track(cast, lambda: _gather_leaf(layout, path, x, False).to(dtype))
+        return cast
+
     if stream is None or not isinstance(params, dict) or stream not in params:
         return map_with_path(gather, params)
     rest = {k: v for k, v in params.items() if k != stream}
     out = map_with_path(gather, rest)
     out[stream] = Prefetched(list(params[stream]), stream, gather, ahead,
-                             overlap=overlapping_gathers_safe(layout.mesh))
+                             overlap=overlapping_gathers_safe(layout.mesh), finish=in_compute_dtype)
     return {k: out[k] for k in params}  # keep the key order
 
 

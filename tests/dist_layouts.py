@@ -9,6 +9,7 @@ A layout is "<mesh>[;zero=N][;sp][;offload][;micro=M][;recompute=POLICY]".
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import sys
@@ -16,6 +17,7 @@ import time
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import parallel
 from aquila_fn import optim, sharding, train
@@ -88,10 +90,57 @@ def first_grads(layout, recompute="none", config=CONFIG):
     return parallel.gather(grads), during_backward
 
 
-def gathered_layer_bytes_after_forward(layout, recompute, config=CONFIG) -> tuple[int, int]:
-    """Bytes of all-gathered layer weights (ZeRO-3) still alive when the forward has returned:
-    what the graph keeps for backward (with full recomputation it keeps only the shards), and
-    how many of the gathers were asynchronous (gloo must have none: overlapping_gathers_safe)."""
+def bf16_grads_same_without_resharding(layout, recompute, config=CONFIG) -> bool:
+    """bf16 gradients with ZeRO-3's reshard after forward (weights re-gathered and re-cast in
+    backward) equal, bit for bit, those of a graph that keeps the gathered weights."""
+    params = sharding.init_params(config, SEED, layout)
+    batch = sharding.local_batch(next(batches(config)), layout)
+
+    def grads():
+        loss_sum = sharding.make_loss_sum_fn(layout)
+        vg = value_and_grad(lambda p, b: loss_sum(p, b, config, recompute=recompute,
+                                                  compute_dtype=torch.bfloat16)[0])
+        with layout.activate():
+            return parallel.tree.leaves(parallel.gather(vg(params, batch)[1]))
+
+    resharded = grads()
+    keep = sharding.ReshardAfterForward
+    sharding.ReshardAfterForward = contextlib.nullcontext  # the graph keeps what it saves
+    try:
+        kept = grads()
+    finally:
+        sharding.ReshardAfterForward = keep
+    return all(torch.equal(a, b) for a, b in zip(resharded, kept))
+
+
+class _CastsOf(TorchDispatchMode):
+    """Adds to `alive` the storage of every dtype cast made of a storage already in it (the
+    compute-dtype copies of gathered weights, wherever they are made)."""
+
+    def __init__(self, alive: list):
+        super().__init__()
+        self.alive = alive
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default:
+            source = StorageWeakRef(_local(args[0]).untyped_storage()).cdata
+            if any(ref.cdata == source for ref, _ in self.alive):
+                local = _local(out)
+                self.alive.append((StorageWeakRef(local.untyped_storage()), local.nbytes))
+        return out
+
+
+def _local(t):
+    return t._local_tensor if hasattr(t, "_local_tensor") else t
+
+
+def gathered_layer_bytes_after_forward(layout, recompute, config=CONFIG,
+                                       compute_dtype=None) -> tuple[int, int]:
+    """Bytes of all-gathered layer weights (ZeRO-3), and of their compute-dtype casts, still
+    alive when the forward has returned: what the graph keeps for backward (under
+    parallel.zero.ReshardAfterForward, only the shards), and how many of the gathers were
+    asynchronous (gloo must have none: overlapping_gathers_safe)."""
     params = parallel.tree.map_with_path(lambda p, x: x.detach().requires_grad_(True),
                                          sharding.init_params(config, SEED, layout))
     alive, asynchronous = [], []
@@ -107,10 +156,11 @@ def gathered_layer_bytes_after_forward(layout, recompute, config=CONFIG) -> tupl
 
     parallel.zero._gather_leaf = recording
     try:
-        with layout.activate():
-            loss, _ = sharding.make_loss_sum_fn(layout)(params, next(batches(config)), config, recompute=recompute)
-            gc.collect()
-            return sum(n for ref, n in alive if not ref.expired()), sum(asynchronous)
+        with layout.activate(), _CastsOf(alive):
+            loss, _ = sharding.make_loss_sum_fn(layout)(params, next(batches(config)), config,
+                                                        recompute=recompute, compute_dtype=compute_dtype)
+        gc.collect()
+        return sum(n for ref, n in alive if not ref.expired()), sum(asynchronous)
     finally:
         parallel.zero._gather_leaf = gather
 
@@ -158,6 +208,9 @@ def main(argv):
                    zip(parallel.tree.leaves(ref_params), parallel.tree.leaves(params)))
         grads, buckets = first_grads(layout, recompute)
         gathered, async_gathers = gathered_layer_bytes_after_forward(layout, recompute)
+        gathered_bf16, _ = gathered_layer_bytes_after_forward(layout, recompute, compute_dtype=torch.bfloat16)
+        reshard = parallel.zero.needs_gather(layout)
+        bf16_same = bf16_grads_same_without_resharding(layout, recompute) if reshard else None
         grad_diff = max(((a - b).abs().max() / a.abs().max().clamp(min=1e-12)).item() for a, b in
                         zip(parallel.tree.leaves(ref_grads), parallel.tree.leaves(grads)))
         if mesh.rank == 0:
@@ -165,6 +218,8 @@ def main(argv):
                                           "param_diff": diff, "grad_rel_diff": grad_diff,
                                           "buckets_during_backward": buckets,
                                           "gathered_layer_bytes_after_forward": gathered,
+                                          "gathered_layer_bytes_after_bf16_forward": gathered_bf16,
+                                          "bf16_grads_same_without_resharding": bf16_same,
                                           "async_gathers": async_gathers,
                                           "placements": describe(state),
                                           "seconds": time.time() - t0}), flush=True)

@@ -189,6 +189,9 @@ def check_layouts(records: list[dict], expected: dict) -> None:
             # re-gathers, not gathered weights (parallel.zero.ReshardAfterForward), and
             # recomputed layers gather theirs again anyway
             assert r["gathered_layer_bytes_after_forward"] == 0, r
+            # in bf16 the compute-dtype copies of the weights, too (they are what matmuls save)
+            assert r["gathered_layer_bytes_after_bf16_forward"] == 0, r
+            assert r["bf16_grads_same_without_resharding"] is True, r
         if "async_gathers" in r:
             # gloo corrupts the heap with overlapping functional all-gathers: the ZeRO-3
             # prefetch runs synchronously there (parallel.mesh.overlapping_gathers_safe)
