@@ -7,7 +7,8 @@ It knows nothing of any particular model.
     rules.py     (regex on leaf path, spec over mesh axes) tables; first match wins
     layout.py    Layout, shard / gather / constrain / shard_batch / materialize / shard_like
     grads.py     GradReducer: bucketed asynchronous reduction during backward
-    zero.py      compute_view (ZeRO-3 gather with prefetch), distributed_optimizer (ZeRO 1-3, offload)
+    zero.py      compute_view (ZeRO-3 gather with prefetch), ReshardAfterForward (saved gathers
+                 re-gathered in backward), distributed_optimizer (ZeRO 1-3, offload)
     pipeline.py  functional stages on torch.distributed.pipelining (GPipe, 1F1B, interleaved)
     meter.py     collectives and live memory, observed (real or meta tensors)
     plan.py      python -m parallel.plan: per-rank memory and traffic without allocating

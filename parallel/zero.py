@@ -2,7 +2,9 @@
 optimizer wrapper that keeps optimizer state sharded (stages 1-3) and, optionally, in host
 memory (ZeRO-Offload).
 
-    params = compute_view(params, layout, stream="layers")        # inside the loss
+    with ReshardAfterForward() as reshard:                         # inside the loss
+        params = compute_view(params, layout, stream="layers", reshard=reshard)
+        ...                                                        # the forward
     opt = distributed_optimizer(adamw(...), layout, max_grad_norm=1.0, offload=False)
 
 The wrapped optimizer keeps the optax shape (init, update, apply_, schedule) so a train step
