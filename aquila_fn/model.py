@@ -239,12 +239,12 @@ def _cache_slots(cache: list | None, start_pos: int | torch.Tensor, s: int, devi
     a tensor of slots and the whole cache."""
     if cache is None:
         return None, s
+    length = cache[0]["k"].shape[1]
     if isinstance(start_pos, int):
-        if start_pos < 0 or start_pos + s > cache[0]["k"].shape[1]:
-            raise ValueError(f"slots {start_pos}..{start_pos + s - 1} do not fit a cache of "
-                             f"{cache[0]['k'].shape[1]} slots")
+        if start_pos < 0 or start_pos + s > length:
+            raise ValueError(f"slots {start_pos}..{start_pos + s - 1} do not fit a cache of {length} slots")
         return slice(start_pos, start_pos + s), start_pos + s
-    return start_pos + torch.arange(s, device=device), cache[0]["k"].shape[1]
+    return start_pos + torch.arange(s, device=device), length
 
 
 def head_weight(params: Params) -> torch.Tensor:
@@ -302,8 +302,8 @@ def forward(params: Params, tokens: torch.Tensor, config: ModelConfig, *, cache:
     slot. At a Python-int start_pos (a prefill) attention reads only slots 0..start_pos+S-1; a
     0-d tensor start_pos (the compiled decode step) reads the whole cache under a mask, so one
     graph serves every step. `positions` [B, S] overrides the rotary positions (left-padded
-    batches); `attn_mask` [B, S_keys] marks real tokens (True) against padding. `return_hidden` returns the final
-    normed hidden state instead of logits (the fused loss projects it itself).
+    batches); `attn_mask` [B, S_keys] marks real tokens (True) against padding. `return_hidden`
+    returns the final normed hidden state instead of logits (the fused loss projects it itself).
     """
     if not torch.compiler.is_compiling():
         check_tokens(tokens, config.vocab_size)

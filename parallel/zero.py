@@ -44,12 +44,15 @@ def _gather_leaf(layout: Layout, path: str, x, async_op: bool):
     return x.redistribute(x.device_mesh, target, async_op=async_op)
 
 
-def _plain_local(t):
-    """The plain tensor holding a DTensor's (or tensor's) data on this rank."""
+def _plain_local(t, wait: bool = False):
+    """The plain tensor holding a DTensor's (or tensor's) data on this rank; of a gather still in
+    flight, its output buffer (waited for first with `wait`)."""
     from torch.distributed._functional_collectives import AsyncCollectiveTensor
 
     x = t._local_tensor if is_dtensor(t) else t
-    return x.elem if isinstance(x, AsyncCollectiveTensor) else x
+    if isinstance(x, AsyncCollectiveTensor):
+        return x.wait() if wait else x.elem
+    return x
 
 
 class _SavedGather:
@@ -64,14 +67,10 @@ class _SavedGather:
             if is_dtensor(saved) else None
 
     def rebuild(self):
-        from torch.distributed._functional_collectives import AsyncCollectiveTensor
         from torch.distributed.tensor import DTensor
 
         with torch.no_grad():
-            full = self.regather()
-        local = full._local_tensor if is_dtensor(full) else full
-        if isinstance(local, AsyncCollectiveTensor):
-            local = local.wait()
+            local = _plain_local(self.regather(), wait=True)
         if local.untyped_storage().nbytes() != self.nbytes:  # the view below would read garbage
             raise RuntimeError(f"re-gathered weight has {local.untyped_storage().nbytes()} bytes, "
                                f"the saved one had {self.nbytes}")
