@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 
 from aquila_fn import checkpoint, data, model, optim, pytree, sharding, train
 from aquila_fn.config import ModelConfig, PRESETS, get_config
+from ops import _dispatch as ops_dispatch
 from parallel import shutdown_distributed
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -199,9 +201,20 @@ def load_tokenizer_or_none(path: str | None):
     return load_tokenizer(path)
 
 
+def warn_if_emulated(precision: str) -> None:
+    """16-bit matmuls on a CPU without the instructions run many times slower than fp32."""
+    dtype = train.get_precision(precision).compute_dtype
+    if dtype not in ops_dispatch.NATIVE_CPU_MATMUL_DTYPES:
+        warnings.warn(f"--precision {precision}: this CPU has no native {precision} matmuls "
+                      "(avx512_bf16, avx512_fp16, AMX), so they are emulated and training runs "
+                      "many times slower than --precision fp32 (what --precision auto picks here)",
+                      RuntimeWarning, stacklevel=2)
+
+
 def setup(args: argparse.Namespace) -> Run:
     validate_args(args)
     precision = train.default_precision("cpu") if args.precision == "auto" else args.precision
+    warn_if_emulated(precision)
     tokenizer = load_tokenizer_or_none(args.tokenizer)
     config = load_config(args.config, args.model_overrides)
     if tokenizer is not None:

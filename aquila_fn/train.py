@@ -28,6 +28,7 @@ import torch
 from aquila_fn import model, optim, pytree
 from aquila_fn.config import ModelConfig
 from aquila_fn.transforms import value_and_grad
+from ops import _dispatch as ops_dispatch
 
 State = dict[str, Any]
 Batch = dict[str, torch.Tensor]
@@ -64,7 +65,7 @@ def bf16_supported(device: str | torch.device = "cpu") -> bool:
     if kind == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if kind == "cpu":
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return torch.bfloat16 in ops_dispatch.NATIVE_CPU_MATMUL_DTYPES
     return kind == "npu"  # Ascend 910B computes bf16 natively
 
 

@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import check_impl, is_npu, torch_npu
+from ._dispatch import check_impl, emulated_matmul, is_npu, torch_npu
 
 # npu_fusion_attention's causal sparse modes take this compressed 2048x2048 upper triangle
 # (True = masked) instead of a full [Sq, Sk] mask.
@@ -98,7 +98,7 @@ def attention_decode(q, k, v, *, mask=None, scale=None):
 
 
 # The chunked kernel is auto's choice on CPU for causal bf16 prefill of at least this many
-# queries: there it beat SDPA (1024 tokens, 32 heads of 128: forward 1.3x, forward+backward
+# queries, where the CPU multiplies bf16 natively (avx512_bf16 / AMX): there it beat SDPA (1024 tokens, 32 heads of 128: forward 1.3x, forward+backward
 # 1.1x; 512 tokens, head dim 64: 1.3x), because torch's CPU flash kernel runs bf16 at about
 # fp32 speed on CPUs without AMX while this kernel multiplies P @ V in bf16. In fp32, or with
 # fewer queries, SDPA was as fast or faster (its smaller query blocks skip as much of the
@@ -239,7 +239,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     [B, H, Sq, Sk], True = may attend (e.g. [B, 1, 1, Sk] for padding). scale defaults to
     1/sqrt(hd). Rows with no visible key give zeros (reference, fused).
     impl: "reference" (plain math), "fused" (SDPA; the grouped decode kernel when Sq = 1; the
-    chunked causal kernel for long bf16 prefill on CPU, see CHUNKED_MIN_QUERIES), "npu"
+    chunked causal kernel for long bf16 prefill on CPU, see CHUNKED_MIN_QUERIES; on a CPU
+    without 16-bit matmul instructions, SDPA on fp32 copies: see emulated_matmul), "npu"
     (npu_fusion_attention), "auto" (npu on NPU, else fused).
     """
     check_impl(impl)
@@ -249,8 +250,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         return attention_npu(q, k, v, causal=causal, mask=mask, scale=scale)
     if impl == "reference":
         return attention_reference(q, k, v, causal=causal, mask=mask, scale=scale)
-    if q.shape[1] == 1:  # causal is moot: the one query sits after every key
+    if q.shape[1] == 1:  # causal is moot: the one query sits after every key; fp32 inside
         return attention_decode(q, k, v, mask=mask, scale=scale)
+    if emulated_matmul(q):  # 16-bit on a CPU without 16-bit matmul instructions
+        out = attention_sdpa(q.float(), k.float(), v.float(), causal=causal, mask=mask, scale=scale)
+        return out.to(q.dtype)
     if _chunked_is_faster(q, k, causal, mask):
         return attention_chunked(q, k, v, scale=scale)
     return attention_sdpa(q, k, v, causal=causal, mask=mask, scale=scale)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import ops
+from ops import _dispatch as dispatch
 from ops._dispatch import MIN_FUSED_NUMEL, resolve_elementwise
 from ops.cross_entropy import CHUNK_LOGITS, MIN_COMPILED_LOGITS, default_chunk_size
 
@@ -206,6 +207,7 @@ def test_attention_chunked_rejects_more_queries_than_keys():
 
 
 def test_attention_fused_takes_chunked_kernel_for_long_bf16_prefill(monkeypatch):
+    monkeypatch.setattr(dispatch, "NATIVE_CPU_MATMUL_DTYPES", dispatch.NATIVE_CPU_MATMUL_DTYPES | {torch.bfloat16})
     calls = []
     chunked = attention_module.attention_chunked
     monkeypatch.setattr(attention_module, "attention_chunked",
@@ -222,6 +224,31 @@ def test_attention_fused_takes_chunked_kernel_for_long_bf16_prefill(monkeypatch)
     compiled = torch.compile(lambda q, k, v: ops.attention(q, k, v), fullgraph=True)
     _close(compiled(q, k, v), ops.attention(q, k, v, impl="reference"), TOL[torch.bfloat16])
     assert calls == [torch.bfloat16]  # inside torch.compile: SDPA, which inductor lowers
+
+
+def test_attention_fused_computes_in_fp32_where_bf16_matmuls_are_emulated(monkeypatch):
+    """On a CPU without bf16 matmul instructions, bf16 prefill runs SDPA on fp32 copies (the
+    chunked kernel's and SDPA's bf16 matmuls would be emulated, 17x slower than the reference
+    measured on a Zen 3); outputs and gradients come back in bf16."""
+    monkeypatch.setattr(dispatch, "NATIVE_CPU_MATMUL_DTYPES", frozenset({torch.float32, torch.float64}))
+    seen = []
+    sdpa, chunked = attention_module.attention_sdpa, attention_module.attention_chunked
+    monkeypatch.setattr(attention_module, "attention_sdpa",
+                        lambda *a, **kw: seen.append(a[0].dtype) or sdpa(*a, **kw))
+    monkeypatch.setattr(attention_module, "attention_chunked",
+                        lambda *a, **kw: seen.append("chunked") or chunked(*a, **kw))
+    n = attention_module.CHUNKED_MIN_QUERIES
+    inputs = _qkv(n, n, 4, 2, torch.bfloat16, b=1)
+    grad_out = torch.randn(1, n, 4, 16, dtype=torch.bfloat16)
+    ref, ref_g = _run(lambda *a: ops.attention(*a, impl="reference"), inputs, grad_out)
+    out, g = _run(lambda *a: ops.attention(*a, impl="fused"), inputs, grad_out)
+    assert seen == [torch.float32] and out.dtype == torch.bfloat16
+    _close(out, ref, TOL[torch.bfloat16])
+    for a, b in zip(g, ref_g):
+        assert a.dtype == torch.bfloat16
+        _close(a, b, GRAD_TOL[torch.bfloat16])
+    ops.attention(*(t.float() for t in inputs), impl="fused")  # fp32 is native: no copies
+    assert seen == [torch.float32, torch.float32]
 
 
 # ----------------------------------------------------------------------------- cross_entropy

@@ -4,12 +4,15 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from aquila_fn import checkpoint
-from aquila_fn.pretrain import DEFAULT_RUN, MetricsLog, main, parse_args, pretrain
+from aquila_fn.pretrain import DEFAULT_RUN, MetricsLog, main, parse_args, pretrain, warn_if_emulated
+from ops import _dispatch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT / "aquila_fn" / "assets" / "tinyshakespeare.txt"
@@ -146,3 +149,14 @@ def test_no_arguments_is_the_embedded_tiny_shakespeare_run():
     args = parse_args([])
     assert args.config == "tiny" and Path(args.data) == SHAKESPEARE
     assert args.tokenizer.endswith("tok512.model") and args.steps == DEFAULT_RUN["steps"]
+
+
+def test_explicit_16bit_precision_warns_where_the_cpu_emulates_it(monkeypatch):
+    monkeypatch.setattr(_dispatch, "NATIVE_CPU_MATMUL_DTYPES", frozenset({torch.float32, torch.float64}))
+    with pytest.warns(RuntimeWarning, match="--precision bf16: this CPU has no native bf16 matmuls"):
+        warn_if_emulated("bf16")
+    monkeypatch.setattr(_dispatch, "NATIVE_CPU_MATMUL_DTYPES", frozenset({torch.float32, torch.bfloat16}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_emulated("bf16")
+        warn_if_emulated("fp32")
