@@ -69,7 +69,9 @@ def ops_impl(layout: Layout, impl: str = "auto") -> str:
     """Kernel choice under a mesh: the reference ops. They are plain torch ops, which DTensor
     propagates, and the reference cross-entropy under a tp axis is the vocabulary-parallel one;
     the fast paths are not DTensor-aware (no sharding rule for the CPU flash-attention kernel,
-    the chunked fused cross-entropy is a custom autograd function over plain tensors)."""
+    the chunked fused cross-entropy is a custom autograd function over plain tensors).
+    Attention split over batch and heads runs its reference math on each rank's local blocks
+    (ops.attention); parallel.plan's dry run on meta tensors then counts the same memory."""
     if layout.trivial or impl != "auto":
         return impl
     return "reference"

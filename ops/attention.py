@@ -246,6 +246,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     check_impl(impl)
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads {q.shape[2]} are not a multiple of kv heads {k.shape[2]}")
+    if _is_dtensor(q):
+        return _attention_dtensor(q, k, v, causal=causal, mask=mask, scale=scale, impl=impl)
     if impl == "npu" or (impl == "auto" and is_npu(q)):
         return attention_npu(q, k, v, causal=causal, mask=mask, scale=scale)
     if impl == "reference":
@@ -258,6 +260,50 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if _chunked_is_faster(q, k, causal, mask):
         return attention_chunked(q, k, v, scale=scale)
     return attention_sdpa(q, k, v, causal=causal, mask=mask, scale=scale)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+# DTensor placements under which attention is independent per rank: batch rows (dim 0) and
+# heads (dim 2) split, or nothing; a split sequence or head dim, or a partial sum, is not.
+_PER_RANK_SHARD_DIMS = (0, 2)
+
+
+def _per_rank(q, k, v, mask) -> bool:
+    """Whether each rank can attend over its own blocks of q, k, v: the same mesh and the
+    same placements, each a batch or head split or a replica (kv heads split like query
+    heads keep each rank's GQA groups whole), and no mask to distribute."""
+    if mask is not None or not all(_is_dtensor(t) for t in (k, v)):
+        return False
+    same = all(t.device_mesh == q.device_mesh and t.placements == q.placements for t in (k, v))
+    return same and all(p.is_replicate() or (p.is_shard() and p.dim in _PER_RANK_SHARD_DIMS)
+                        for p in q.placements)
+
+
+def _attention_dtensor(q, k, v, *, causal, mask, scale, impl):
+    """Attention over DTensors (tensor and data parallel layers). Sharded over batch and heads,
+    it runs the kernel `impl` picks on each rank's local blocks (as torchtitan's tensor
+    parallelism does): no communication, and no DTensor sharding search for the batched
+    matmuls of the math, which took about 6 s per new shape on a 2-D mesh with torch 2.13.
+    Otherwise the reference math runs on the DTensors and DTensor moves what it must."""
+    if not _per_rank(q, k, v, mask):
+        return attention_reference(q, k, v, causal=causal, mask=mask, scale=scale)
+    from torch.distributed.tensor import DTensor
+    out = attention(q.to_local(), k.to_local(), v.to_local(), causal=causal, scale=scale, impl=impl)
+    # contiguous, so the DTensor's global strides are the contiguous ones of its shape (the
+    # caller's reshape into [B, S, H * hd] would copy a transposed kernel output anyway)
+    return DTensor.from_local(out.contiguous(), q.device_mesh, q.placements, run_check=False,
+                              shape=q.shape, stride=_contiguous_strides(q.shape))
+
+
+def _contiguous_strides(shape) -> tuple:
+    strides, n = [], 1
+    for size in reversed(shape):
+        strides.append(n)
+        n *= size
+    return tuple(reversed(strides))
 
 
 def _chunked_is_faster(q, k, causal, mask) -> bool:

@@ -251,6 +251,43 @@ def test_attention_fused_computes_in_fp32_where_bf16_matmuls_are_emulated(monkey
     assert seen == [torch.float32, torch.float32]
 
 
+def test_attention_on_dtensors_runs_the_kernel_on_local_blocks(tmp_path, monkeypatch):
+    """Under data/tensor parallelism q, k, v are DTensors split over batch and heads: each rank
+    attends over its local blocks with the fast kernel (the result a DTensor with the same
+    placements, gradients flowing back); other placements run the reference math on DTensors."""
+    dist = pytest.importorskip("torch.distributed")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.experimental import implicit_replication
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already active")
+    kernels = []
+    sdpa = attention_module.attention_sdpa
+    monkeypatch.setattr(attention_module, "attention_sdpa",
+                        lambda *a, **kw: kernels.append(type(a[0]).__name__) or sdpa(*a, **kw))
+    inputs = _qkv(37, 37, 8, 2, torch.float32)
+    grad_out = torch.randn(2, 37, 8, 16)
+    ref, ref_g = _run(lambda *a: ops.attention(*a, impl="reference"), inputs, grad_out)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "tp"))
+        with implicit_replication():  # masks count as replicated, as in Layout.activate
+            for placements, local in (([Shard(0), Shard(2)], True), ([Replicate(), Replicate()], True),
+                                      ([Replicate(), Shard(1)], False)):  # a split sequence: not local
+                kernels.clear()
+                leaves = [distribute_tensor(t, mesh, placements).requires_grad_() for t in inputs]
+                out = ops.attention(*leaves)
+                assert isinstance(out, DTensor) and out.placements == tuple(placements)
+                grads = torch.autograd.grad(out, leaves, distribute_tensor(grad_out, mesh, placements))
+                assert kernels == (["Tensor"] if local else []), placements
+                _close(out.full_tensor(), ref, TOL[torch.float32])
+                for a, b in zip(grads, ref_g):
+                    _close(a.full_tensor(), b, GRAD_TOL[torch.float32])
+    finally:
+        dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------- cross_entropy
 
 
