@@ -10,6 +10,7 @@ import torch
 import ops
 
 ATTENTION = importlib.import_module("ops.attention")  # the module (ops.attention is the function)
+DISPATCH = importlib.import_module("ops._dispatch")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = ["fwd", "fwd+bwd"]
 FAST = {"rms_norm": "fused", "rotary": "fused", "swiglu": "fused", "attention": "fused"}
@@ -17,7 +18,9 @@ FAST = {"rms_norm": "fused", "rotary": "fused", "swiglu": "fused", "attention": 
 # forward is ~2x the plain-math reference: the target. Its backward recomputes the scores
 # (5 half-size matmuls against the reference's 4 full ones), which bounds fp32 forward +
 # backward near 1.7x. In bf16 the chunked kernel's P @ V (and its backward's matmuls) run in
-# bf16 while the reference computes in fp32, so bf16 gets further (2.8x / 2.2x measured).
+# bf16 while the reference computes in fp32, so bf16 gets further (2.8x / 2.2x measured on a
+# Zen 5 with avx512_bf16). Measured fp32: Zen 5 fwd 2.06-2.22x, fwd+bwd 1.53x; Zen 3 (AVX2,
+# bf16 emulated: bf16 runs SDPA on fp32 copies) fwd 2.7-2.8x, fwd+bwd 1.8-2.1x, bf16 2.4x / 1.8x.
 MIN_SPEEDUP = {("attention", "fwd"): 2.0, ("attention", "fwd+bwd"): 1.4}
 
 
@@ -91,12 +94,17 @@ def test_bench_ops_fast(timed, op, dt, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_bench_ops_attention_bf16_vs_sdpa(timed, mode):
-    """auto takes the chunked kernel for long bf16 prefill on CPU because it beats SDPA there:
-    timed against SDPA in the same run. The forward must be at least as fast (measured 1.3x);
-    forward+backward, measured 1.01-1.12x, is recorded, not asserted: at parity noise decides."""
+    """auto's bf16 prefill kernel on CPU timed against bf16 SDPA in the same run. Where the CPU
+    multiplies bf16 natively, auto takes the chunked kernel because it beats SDPA: the forward
+    must be at least as fast (measured 1.3x); forward+backward, measured 1.01-1.12x, is
+    recorded, not asserted (at parity noise decides). Where bf16 matmuls are emulated, auto runs
+    SDPA on fp32 copies because bf16 SDPA's backward is pathological there: forward+backward
+    must be at least as fast (measured 19.6x on a Zen 3), the forward is recorded (0.95x)."""
+    native = torch.bfloat16 in DISPATCH.NATIVE_CPU_MATMUL_DTYPES
+    asserted = "fwd" if native else "fwd+bwd"
     timed(_workload("attention", torch.bfloat16, mode, "fused"), case=f"attention bf16 {mode} vs sdpa",
           rounds=_rounds("attention", mode), reference=_workload("attention", torch.bfloat16, mode, "sdpa"),
-          min_speedup=1.0 if mode == "fwd" else None)
+          min_speedup=1.0 if mode == asserted else None)
 
 
 # ----------------------------------------------------------------------------- cross_entropy
