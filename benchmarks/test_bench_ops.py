@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import ops
+from ops._dispatch import NATIVE_CPU_MATMUL_DTYPES
 
 ATTENTION = importlib.import_module("ops.attention")  # the module (ops.attention is the function)
-DISPATCH = importlib.import_module("ops._dispatch")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = ["fwd", "fwd+bwd"]
 FAST = {"rms_norm": "fused", "rotary": "fused", "swiglu": "fused", "attention": "fused"}
@@ -100,7 +100,7 @@ def test_bench_ops_attention_bf16_vs_sdpa(timed, mode):
     recorded, not asserted (at parity noise decides). Where bf16 matmuls are emulated, auto runs
     SDPA on fp32 copies because bf16 SDPA's backward is pathological there: forward+backward
     must be at least as fast (measured 19.6x on a Zen 3), the forward is recorded (0.95x)."""
-    native = torch.bfloat16 in DISPATCH.NATIVE_CPU_MATMUL_DTYPES
+    native = torch.bfloat16 in NATIVE_CPU_MATMUL_DTYPES
     asserted = "fwd" if native else "fwd+bwd"
     timed(_workload("attention", torch.bfloat16, mode, "fused"), case=f"attention bf16 {mode} vs sdpa",
           rounds=_rounds("attention", mode), reference=_workload("attention", torch.bfloat16, mode, "sdpa"),

@@ -98,9 +98,10 @@ def attention_decode(q, k, v, *, mask=None, scale=None):
 
 
 # The chunked kernel is auto's choice on CPU for causal bf16 prefill of at least this many
-# queries, where the CPU multiplies bf16 natively (avx512_bf16 / AMX): there it beat SDPA (1024 tokens, 32 heads of 128: forward 1.3x, forward+backward
-# 1.1x; 512 tokens, head dim 64: 1.3x), because torch's CPU flash kernel runs bf16 at about
-# fp32 speed on CPUs without AMX while this kernel multiplies P @ V in bf16. In fp32, or with
+# queries, where the CPU multiplies bf16 natively (avx512_bf16 / AMX): there it beat SDPA
+# (1024 tokens, 32 heads of 128: forward 1.3x, forward+backward 1.1x; 512 tokens, head dim
+# 64: 1.3x), because torch's CPU flash kernel runs bf16 at about fp32 speed on CPUs without
+# AMX while this kernel multiplies P @ V in bf16. In fp32, or with
 # fewer queries, SDPA was as fast or faster (its smaller query blocks skip as much of the
 # causal triangle), so it stays there.
 CHUNKED_MIN_QUERIES = 512
