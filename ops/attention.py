@@ -97,19 +97,25 @@ def attention_decode(q, k, v, *, mask=None, scale=None):
     return _ungrouped(out.view(b, kv, g, sq, d)).to(q.dtype)
 
 
-# The chunked kernel is auto's choice on CPU for causal bf16 prefill of at least this many
-# queries, where the CPU multiplies bf16 natively (avx512_bf16 / AMX): there it beat SDPA
-# (1024 tokens, 32 heads of 128: forward 1.3x, forward+backward 1.1x; 512 tokens, head dim
-# 64: 1.3x), because torch's CPU flash kernel runs bf16 at about fp32 speed on CPUs without
-# AMX while this kernel multiplies P @ V in bf16. In fp32, or with
-# fewer queries, SDPA was as fast or faster (its smaller query blocks skip as much of the
-# causal triangle), so it stays there.
+# The chunked kernel is auto's choice on CPU for causal prefill of at least this many queries
+# (see _chunked_is_faster). bf16, where the CPU multiplies bf16 natively (avx512_bf16 / AMX):
+# it beat SDPA (1024 tokens, 32 heads of 128: forward 1.3x, forward+backward 1.1x; 512 tokens,
+# head dim 64: 1.3x) because torch's CPU flash kernel runs bf16 at about fp32 speed there while
+# this kernel multiplies P @ V in bf16. fp32 training, with the probabilities kept: see
+# SAVED_PROBS_MAX_BYTES. Otherwise (an fp32 forward alone, or fewer queries) SDPA's fused
+# online softmax is as fast or faster.
 CHUNKED_MIN_QUERIES = 512
 # Query rows per block of the chunked causal kernel: each block computes scores only up to its
 # own last key, so a causal pass computes (n/c + 1) / (2 n/c) of the score matrix (56% at 1024
 # tokens, against 62.5% for torch's CPU flash kernel with its 256-row blocks), and 128 rows
 # keep the batched matmuls near peak.
 CHUNK_ROWS = 128
+# In training the kernel keeps each block's fp32 probabilities for backward when they fit in
+# this many bytes per call (1024 tokens x 32 heads take 72 MiB at batch 1, under half the
+# [B, H, S, S] scores the reference keeps): backward then runs 4 matmuls instead of 5 and no
+# softmax. On a Zen 3 (AVX2) that made fp32 forward+backward at 1024 tokens 1.16x SDPA's.
+# Beyond the budget, SDPA, which keeps O(S) per row.
+SAVED_PROBS_MAX_BYTES = 128 << 20
 
 
 def _query_blocks(sq: int, sk: int, rows: int = CHUNK_ROWS):
@@ -119,78 +125,124 @@ def _query_blocks(sq: int, sk: int, rows: int = CHUNK_ROWS):
         yield i, e, sk - sq + e
 
 
-def _block_scores(qs, kt, i, e, kend):
-    """fp32 scores of query rows [i, e) against keys [0, kend), the causal triangle of the
-    last e - i keys masked: [B, KV, G, n, kend] (qs is pre-scaled)."""
-    b, kv, g, _, d = qs.shape
-    n = e - i
-    scores = torch.matmul(qs[:, :, :, i:e].reshape(b, kv, g * n, d), kt[..., :kend])
-    scores = scores.view(b, kv, g, n, kend)
-    scores[..., kend - n:].masked_fill_(~_causal_keep(n, n, qs.device), float("-inf"))
-    return scores
+def saved_probs_bytes(b: int, h: int, sq: int, sk: int) -> int:
+    """Bytes of fp32 probabilities the chunked kernel keeps for backward."""
+    return 4 * b * h * sum((e - i) * kend for i, e, kend in _query_blocks(sq, sk))
+
+
+def _rows_by_kv_head(x: torch.Tensor, g: int, dtype, scale: float | None = None) -> torch.Tensor:
+    """[B, S, H, d] -> a new [B, KV, S, G, d] in dtype (times scale): one kv head's G query
+    heads for rows i:e are then the contiguous matrix [KV, (e - i) * G, d] of one bmm."""
+    b, s, h, d = x.shape
+    src = x.view(b, s, h // g, g, d).permute(0, 2, 1, 3, 4)
+    out = x.new_empty(src.shape, dtype=dtype)
+    return out.copy_(src) if scale is None else torch.mul(src, scale, out=out)
+
+
+def _rows_by_position(x: torch.Tensor) -> torch.Tensor:
+    """[B, KV, S, G, d] -> a new [B, S, KV * G, d]."""
+    b, kv, s, g, d = x.shape
+    out = x.new_empty((b, s, kv * g, d))
+    out.view(b, s, kv, g, d).copy_(x.permute(0, 2, 1, 3, 4))
+    return out
+
+
+def _kv_heads(x: torch.Tensor) -> torch.Tensor:
+    """One sequence's keys or values, [Sk, KV, d], as [KV, Sk, d]: a view, which bmm reads
+    in place (a transposing copy of K to [KV, d, Sk] cost more than a third of a GEMM)."""
+    return x.transpose(0, 1)
+
+
+def _block_probs(qg, kb, i, e, kend):
+    """fp32 probabilities of query rows [i, e) (all G heads of each kv head) against keys
+    [0, kend), the causal triangle of the last e - i keys masked: [KV, (e - i) * G, kend]."""
+    kv, g, d, n = qg.shape[0], qg.shape[2], qg.shape[3], e - i
+    scores = torch.bmm(qg[:, i:e].reshape(kv, n * g, d), kb[:, :kend].transpose(1, 2))
+    masked = ~_causal_keep(n, n, qg.device).unsqueeze(1)                  # [n, 1 (G), n]
+    scores.view(kv, n, g, kend)[..., kend - n:].masked_fill_(masked, float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+def _add_bmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b; a 16-bit product is added to the fp32 accumulator after the matmul."""
+    if acc.dtype == a.dtype:
+        acc.baddbmm_(a, b)
+    else:
+        acc += torch.bmm(a, b)
+
+
+def _score_grads(do, vt, delta, probs):
+    """dS = P * (dO V^T - rowsum(dO * O)), in do's dtype; in fp32 the subtraction rides on
+    the matmul (baddbmm with beta = -1), saving a pass over the block."""
+    if do.dtype == delta.dtype:
+        ds = torch.baddbmm(delta, do, vt, beta=-1)
+    else:
+        ds = torch.bmm(do, vt).to(delta.dtype).sub_(delta)
+    return ds.mul_(probs).to(do.dtype)
 
 
 class _ChunkedCausal(torch.autograd.Function):
     """Causal attention in blocks of query rows, with flash attention's numerics: scores and
     softmax in fp32, probabilities cast to the value dtype for P @ V (16-bit matmuls run at
-    their full speed); backward recomputes each block's probabilities instead of saving them."""
+    their full speed). Backward uses the probabilities kept in forward (keep_probs) or
+    recomputes them per block. Each bmm reads K and V as strided views of the BSND inputs."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale):
-        qs, kt = _scaled_queries_keys(q, k, scale)
-        vh = v.transpose(1, 2).contiguous()                       # [B, KV, Sk, d]
-        b, kv, g, sq, d = qs.shape
-        out = q.new_empty(qs.shape)
-        for i, e, kend in _query_blocks(sq, k.shape[1]):
-            probs = torch.softmax(_block_scores(qs, kt, i, e, kend), dim=-1).to(v.dtype)
-            pv = torch.matmul(probs.view(b, kv, g * (e - i), kend), vh[:, :, :kend])
-            out[:, :, :, i:e] = pv.view(b, kv, g, e - i, d)
-        out = _ungrouped(out)
-        ctx.save_for_backward(q, k, v, out)
+    def forward(ctx, q, k, v, scale, keep_probs):
+        b, sq, h, d = q.shape
+        kv, dt = k.shape[2], v.dtype
+        acc = torch.promote_types(q.dtype, torch.float32)
+        qg = _rows_by_kv_head(q, h // kv, acc, scale)                      # [B, KV, Sq, G, d]
+        kf = k.to(acc)
+        out = torch.empty_like(qg, dtype=dt)
+        kept = []
+        for bi in range(b):
+            kb, vb = _kv_heads(kf[bi]), _kv_heads(v[bi])
+            for i, e, kend in _query_blocks(sq, k.shape[1]):
+                probs = _block_probs(qg[bi], kb, i, e, kend)
+                out[bi, :, i:e].view(kv, -1, d).copy_(torch.bmm(probs.to(dt), vb[:, :kend]))
+                if keep_probs:
+                    kept.append(probs)
+        out = _rows_by_position(out)
         ctx.scale = scale
+        ctx.save_for_backward(qg, k, v, out, *kept)  # saved tensors: activation checkpointing frees them
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out = ctx.saved_tensors
-        qs, kt = _scaled_queries_keys(q, k, ctx.scale)
-        b, kv, g, sq, d = qs.shape
-        dt, acc = v.dtype, qs.dtype
-        out = _grouped(out, g)
-        kh = k.transpose(1, 2).contiguous()                                # [B, KV, Sk, d]
-        vt = v.permute(0, 2, 3, 1).contiguous()                            # [B, KV, d, Sk]
-        do = _grouped(grad_out.to(dt), g)                                  # [B, KV, G, Sq, d]
-        delta = (do.to(acc) * out.to(acc)).sum(-1, keepdim=True)           # rowsum(dO * O)
-        dq = torch.empty_like(qs)
-        dk, dv = qs.new_zeros(kh.shape), qs.new_zeros(kh.shape)
-        for i, e, kend in _query_blocks(sq, k.shape[1]):
-            rows = g * (e - i)
-            probs = torch.softmax(_block_scores(qs, kt, i, e, kend), dim=-1)
-            do_blk = do[:, :, :, i:e].reshape(b, kv, rows, d)
-            dv[:, :, :kend] += torch.matmul(probs.view(b, kv, rows, kend).to(dt).transpose(-1, -2), do_blk)
-            dp = torch.matmul(do_blk, vt[..., :kend]).view(b, kv, g, e - i, kend)
-            ds = dp.to(acc).sub_(delta[:, :, :, i:e]).mul_(probs).view(b, kv, rows, kend).to(dt)
-            dq[:, :, :, i:e] = torch.matmul(ds, kh[:, :, :kend]).view(b, kv, g, e - i, d)
-            dk[:, :, :kend] += torch.matmul(ds.transpose(-1, -2), qs[:, :, :, i:e].reshape(b, kv, rows, d).to(dt))
-        return (_ungrouped(dq * ctx.scale).to(q.dtype), dk.transpose(1, 2).to(k.dtype),
-                dv.transpose(1, 2).to(v.dtype), None)
+        qg, k, v, out, *kept = ctx.saved_tensors
+        b, kv, sq, g, d = qg.shape
+        sk, acc, dt = k.shape[1], qg.dtype, v.dtype
+        kf = k.to(acc)
+        dog = _rows_by_kv_head(grad_out, g, dt)                            # [B, KV, Sq, G, d]
+        delta = (grad_out.to(acc) * out.to(acc)).sum(-1)                   # rowsum(dO * O), [B, Sq, H]
+        delta = _rows_by_kv_head(delta.unsqueeze(-1), g, acc)              # [B, KV, Sq, G, 1]
+        dq = torch.empty_like(qg)
+        dk, dv = qg.new_zeros((b, kv, sk, d)), qg.new_zeros((b, kv, sk, d))
+        kept = iter(kept)
+        for bi in range(b):
+            kb, kd, vb = _kv_heads(kf[bi]), _kv_heads(k[bi]), _kv_heads(v[bi])
+            for i, e, kend in _query_blocks(sq, sk):
+                probs = next(kept, None)
+                if probs is None:
+                    probs = _block_probs(qg[bi], kb, i, e, kend)
+                do = dog[bi, :, i:e].reshape(kv, -1, d)
+                _add_bmm(dv[bi, :, :kend], probs.to(dt).transpose(1, 2), do)
+                ds = _score_grads(do, vb[:, :kend].transpose(1, 2), delta[bi, :, i:e].reshape(kv, -1, 1), probs)
+                dq[bi, :, i:e].view(kv, -1, d).copy_(torch.bmm(ds, kd[:, :kend]))
+                _add_bmm(dk[bi, :, :kend], ds.transpose(1, 2), qg[bi, :, i:e].reshape(kv, -1, d).to(dt))
+        return (_rows_by_position(dq.mul_(ctx.scale)).to(grad_out.dtype), dk.transpose(1, 2).to(k.dtype),
+                dv.transpose(1, 2).to(v.dtype), None, None)
 
 
-def _scaled_queries_keys(q, k, scale):
-    """Queries grouped per kv head and pre-scaled, [B, KV, G, Sq, d], and keys transposed,
-    [B, KV, d, Sk], both in fp32 (fp64 for fp64 inputs)."""
-    acc = torch.promote_types(q.dtype, torch.float32)
-    qs = _grouped(q, q.shape[2] // k.shape[2]).to(acc) * scale
-    return qs, k.permute(0, 2, 3, 1).to(acc)
-
-
-def attention_chunked(q, k, v, *, scale=None):
-    """Causal attention (Sq <= Sk, no mask) in blocks of query rows: see _ChunkedCausal."""
+def attention_chunked(q, k, v, *, scale=None, keep_probs=False):
+    """Causal attention (Sq <= Sk, no mask) in blocks of query rows: see _ChunkedCausal.
+    keep_probs trades saved_probs_bytes() of memory for a faster backward."""
     if q.shape[1] > k.shape[1] or q.shape[2] % k.shape[2]:
         raise ValueError(f"attention_chunked needs at most as many queries as keys and query heads "
                          f"a multiple of kv heads; got q {tuple(q.shape)}, k {tuple(k.shape)}")
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
-    return _ChunkedCausal.apply(q, k, v, scale)
+    return _ChunkedCausal.apply(q, k, v, scale, keep_probs)
 
 
 _npu_causal_masks: dict = {}
@@ -255,11 +307,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         return attention_reference(q, k, v, causal=causal, mask=mask, scale=scale)
     if q.shape[1] == 1:  # causal is moot: the one query sits after every key; fp32 inside
         return attention_decode(q, k, v, mask=mask, scale=scale)
-    if emulated_matmul(q):  # 16-bit on a CPU without 16-bit matmul instructions
-        out = attention_sdpa(q.float(), k.float(), v.float(), causal=causal, mask=mask, scale=scale)
+    if emulated_matmul(q):  # 16-bit on a CPU without 16-bit matmul instructions: fp32 inside
+        out = attention(q.float(), k.float(), v.float(), causal=causal, mask=mask, scale=scale, impl=impl)
         return out.to(q.dtype)
-    if _chunked_is_faster(q, k, causal, mask):
-        return attention_chunked(q, k, v, scale=scale)
+    keep_probs = _chunked_keep_probs(q, k, v, causal, mask)
+    if keep_probs is not None:
+        return attention_chunked(q, k, v, scale=scale, keep_probs=keep_probs)
     return attention_sdpa(q, k, v, causal=causal, mask=mask, scale=scale)
 
 
@@ -307,8 +360,16 @@ def _contiguous_strides(shape) -> tuple:
     return tuple(reversed(strides))
 
 
-def _chunked_is_faster(q, k, causal, mask) -> bool:
-    """See CHUNKED_MIN_QUERIES. Inside torch.compile, and for tensor subclasses, SDPA."""
-    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and causal and mask is None
-            and CHUNKED_MIN_QUERIES <= q.shape[1] <= k.shape[1]
-            and type(q) is torch.Tensor and not torch.compiler.is_compiling())
+def _chunked_keep_probs(q, k, v, causal, mask) -> bool | None:
+    """None where SDPA is faster, else whether the chunked kernel keeps its probabilities:
+    bf16 prefill (16-bit matmuls native here) takes the kernel, keeping probabilities in
+    training within SAVED_PROBS_MAX_BYTES; fp32 takes it only in training within the budget.
+    See CHUNKED_MIN_QUERIES. Inside torch.compile, and for tensor subclasses, SDPA."""
+    if not (q.device.type == "cpu" and causal and mask is None and type(q) is torch.Tensor
+            and CHUNKED_MIN_QUERIES <= q.shape[1] <= k.shape[1] and not torch.compiler.is_compiling()):
+        return None
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    keep = training and saved_probs_bytes(q.shape[0], q.shape[2], q.shape[1], k.shape[1]) <= SAVED_PROBS_MAX_BYTES
+    if q.dtype == torch.bfloat16 or (q.dtype == torch.float32 and keep):
+        return keep
+    return None

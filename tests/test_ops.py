@@ -178,13 +178,14 @@ CHUNKED_CASES = [  # (Sq, Sk, H, KV): rows not a multiple of the 128-row block, 
     (129, 200, 4, 2)]  # fewer queries than keys: a prefill continuing a cache
 
 
+@pytest.mark.parametrize("keep_probs", [True, False], ids=["kept", "recomputed"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("sq,sk,h,kv", CHUNKED_CASES)
-def test_attention_chunked_matches_reference(dtype, sq, sk, h, kv):
+def test_attention_chunked_matches_reference(dtype, sq, sk, h, kv, keep_probs):
     inputs = _qkv(sq, sk, h, kv, dtype)
     grad_out = torch.randn(2, sq, h, 16, dtype=dtype)
     ref, ref_g = _run(lambda *a: ops.attention(*a, impl="reference"), inputs, grad_out)
-    out, g = _run(attention_module.attention_chunked, inputs, grad_out)
+    out, g = _run(lambda *a: attention_module.attention_chunked(*a, keep_probs=keep_probs), inputs, grad_out)
     assert out.dtype == dtype and out.shape == ref.shape
     _close(out, ref, TOL[dtype])
     for a, b in zip(g, ref_g):
@@ -192,13 +193,56 @@ def test_attention_chunked_matches_reference(dtype, sq, sk, h, kv):
         _close(a, b, GRAD_TOL[dtype])
 
 
-def test_attention_chunked_keeps_float64():
+@pytest.mark.parametrize("keep_probs", [True, False], ids=["kept", "recomputed"])
+def test_attention_chunked_keeps_float64(keep_probs):
     inputs = _qkv(150, 150, 4, 2, torch.float64)
     grad_out = torch.randn(2, 150, 4, 16, dtype=torch.float64)
     ref, ref_g = _run(lambda *a: ops.attention(*a, impl="reference", scale=0.2), inputs, grad_out)
-    out, g = _run(lambda *a: attention_module.attention_chunked(*a, scale=0.2), inputs, grad_out)
+    out, g = _run(lambda *a: attention_module.attention_chunked(*a, scale=0.2, keep_probs=keep_probs),
+                  inputs, grad_out)
     for a, b in zip((out, *g), (ref, *ref_g)):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_attention_chunked_reads_strided_inputs_and_leaves_them_alone():
+    """The model's k and v are views of one fused qkv projection; the kernel reads them in
+    place and must not write to them (it pre-scales its own copy of q)."""
+    qkv = torch.randn(2, 300, 3 * 4 * 16)
+    q, k, v = (t.view(2, 300, 4, 16) for t in qkv.split(64, dim=-1))
+    before = qkv.clone()
+    grad_out = torch.randn(2, 300, 4, 16)
+    ref, ref_g = _run(lambda *a: ops.attention(*a, impl="reference"), (q, k, v), grad_out)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out = attention_module.attention_chunked(*leaves, keep_probs=True)
+    g = torch.autograd.grad(out, leaves, grad_out)
+    assert torch.equal(qkv, before)
+    _close(out, ref, TOL[torch.float32])
+    for a, b in zip(g, ref_g):
+        _close(a, b, GRAD_TOL[torch.float32])
+
+
+def _saved_bytes(fn, *inputs):
+    """Bytes autograd saves for backward while fn runs (what activation checkpointing frees)."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fn(*inputs)
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in saved}.values())
+
+
+def test_attention_chunked_saves_probabilities_through_autograd():
+    """Kept probabilities are saved tensors, so torch.utils.checkpoint frees and recomputes
+    them; their size is what saved_probs_bytes() reports, and the dispatch budgets."""
+    q, k, v = (t.requires_grad_() for t in _qkv(300, 300, 8, 2, torch.float32))
+    kept = _saved_bytes(lambda *a: attention_module.attention_chunked(*a, keep_probs=True), q, k, v)
+    recomputed = _saved_bytes(lambda *a: attention_module.attention_chunked(*a, keep_probs=False), q, k, v)
+    assert kept - recomputed == attention_module.saved_probs_bytes(2, 8, 300, 300)
+    assert attention_module.saved_probs_bytes(1, 32, 1024, 1024) == 4 * 32 * 128 * 128 * 36  # 72 MiB
+    core = lambda *a: attention_module.attention_chunked(*a, keep_probs=True)  # noqa: E731
+    checkpointed = lambda *a: torch.utils.checkpoint.checkpoint(core, *a, use_reentrant=False)  # noqa: E731
+    assert _saved_bytes(checkpointed, q, k, v) < recomputed
+    grad_out = torch.randn_like(q)
+    torch.testing.assert_close(torch.autograd.grad(checkpointed(q, k, v), (q, k, v), grad_out),
+                               torch.autograd.grad(core(q, k, v), (q, k, v), grad_out))
 
 
 def test_attention_chunked_rejects_more_queries_than_keys():
@@ -206,49 +250,77 @@ def test_attention_chunked_rejects_more_queries_than_keys():
         attention_module.attention_chunked(*_qkv(9, 8, 4, 2, torch.float32))
 
 
+def _record_kernels(monkeypatch):
+    """Patch the two prefill kernels to log (kernel, dtype, keep_probs) per call."""
+    calls = []
+    sdpa, chunked = attention_module.attention_sdpa, attention_module.attention_chunked
+    monkeypatch.setattr(attention_module, "attention_sdpa",
+                        lambda *a, **kw: calls.append(("sdpa", a[0].dtype)) or sdpa(*a, **kw))
+    monkeypatch.setattr(attention_module, "attention_chunked",
+                        lambda *a, **kw: calls.append(("chunked", a[0].dtype, kw["keep_probs"])) or chunked(*a, **kw))
+    return calls
+
+
+def _train_step(q, k, v, **kw):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    torch.autograd.grad(ops.attention(*leaves, impl="fused", **kw).sum(), leaves)
+
+
 def test_attention_fused_takes_chunked_kernel_for_long_bf16_prefill(monkeypatch):
     monkeypatch.setattr(dispatch, "NATIVE_CPU_MATMUL_DTYPES", dispatch.NATIVE_CPU_MATMUL_DTYPES | {torch.bfloat16})
-    calls = []
-    chunked = attention_module.attention_chunked
-    monkeypatch.setattr(attention_module, "attention_chunked",
-                        lambda *a, **kw: calls.append(a[0].dtype) or chunked(*a, **kw))
+    calls = _record_kernels(monkeypatch)
     n = attention_module.CHUNKED_MIN_QUERIES
     q, k, v = _qkv(n, n, 4, 2, torch.bfloat16, b=1)
     _close(ops.attention(q, k, v, impl="fused", scale=0.3),
            ops.attention(q, k, v, impl="reference", scale=0.3), TOL[torch.bfloat16])
-    assert calls == [torch.bfloat16]
-    ops.attention(q.float(), k.float(), v.float(), impl="fused")          # fp32: SDPA
+    assert calls == [("chunked", torch.bfloat16, False)]  # inference: nothing to keep
+    _train_step(q, k, v)
+    assert calls[-1] == ("chunked", torch.bfloat16, True)
+    monkeypatch.setattr(attention_module, "SAVED_PROBS_MAX_BYTES", attention_module.saved_probs_bytes(1, 4, n, n) - 1)
+    _train_step(q, k, v)
+    assert calls[-1] == ("chunked", torch.bfloat16, False)  # over the budget: recomputed
+    calls.clear()
     ops.attention(q[:, :-1], k, v, impl="fused", mask=torch.ones(1, 1, 1, n, dtype=torch.bool))
     ops.attention(q[:, : n - 1], k[:, : n - 1], v[:, : n - 1], impl="fused")  # too short
-    assert calls == [torch.bfloat16]
+    assert calls == [("sdpa", torch.bfloat16)] * 2
     compiled = torch.compile(lambda q, k, v: ops.attention(q, k, v), fullgraph=True)
     _close(compiled(q, k, v), ops.attention(q, k, v, impl="reference"), TOL[torch.bfloat16])
-    assert calls == [torch.bfloat16]  # inside torch.compile: SDPA, which inductor lowers
+    assert {c[0] for c in calls} == {"sdpa"}  # inside torch.compile: SDPA, which inductor lowers
+
+
+def test_attention_fused_fp32_keeps_probabilities_in_training_within_budget(monkeypatch):
+    """fp32 prefill: SDPA's fused forward is faster alone, the chunked kernel with kept
+    probabilities is faster for forward + backward (its backward skips recomputing them)."""
+    calls = _record_kernels(monkeypatch)
+    n = attention_module.CHUNKED_MIN_QUERIES
+    q, k, v = _qkv(n, n, 4, 2, torch.float32, b=1)
+    ops.attention(q, k, v, impl="fused")
+    _train_step(q, k, v)
+    _train_step(q.double(), k.double(), v.double())
+    assert calls == [("sdpa", torch.float32), ("chunked", torch.float32, True), ("sdpa", torch.float64)]
+    monkeypatch.setattr(attention_module, "SAVED_PROBS_MAX_BYTES", attention_module.saved_probs_bytes(1, 4, n, n) - 1)
+    _train_step(q, k, v)
+    assert calls[-1] == ("sdpa", torch.float32)
 
 
 def test_attention_fused_computes_in_fp32_where_bf16_matmuls_are_emulated(monkeypatch):
-    """On a CPU without bf16 matmul instructions, bf16 prefill runs SDPA on fp32 copies (the
-    chunked kernel's and SDPA's bf16 matmuls would be emulated, 17x slower than the reference
-    measured on a Zen 3); outputs and gradients come back in bf16."""
+    """On a CPU without bf16 matmul instructions, bf16 prefill computes on fp32 copies and picks
+    its kernel as fp32 would (the chunked kernel's and SDPA's bf16 matmuls would be emulated,
+    17x slower than the reference measured on a Zen 3); outputs and gradients come back in bf16."""
     monkeypatch.setattr(dispatch, "NATIVE_CPU_MATMUL_DTYPES", frozenset({torch.float32, torch.float64}))
-    seen = []
-    sdpa, chunked = attention_module.attention_sdpa, attention_module.attention_chunked
-    monkeypatch.setattr(attention_module, "attention_sdpa",
-                        lambda *a, **kw: seen.append(a[0].dtype) or sdpa(*a, **kw))
-    monkeypatch.setattr(attention_module, "attention_chunked",
-                        lambda *a, **kw: seen.append("chunked") or chunked(*a, **kw))
+    calls = _record_kernels(monkeypatch)
     n = attention_module.CHUNKED_MIN_QUERIES
     inputs = _qkv(n, n, 4, 2, torch.bfloat16, b=1)
     grad_out = torch.randn(1, n, 4, 16, dtype=torch.bfloat16)
     ref, ref_g = _run(lambda *a: ops.attention(*a, impl="reference"), inputs, grad_out)
     out, g = _run(lambda *a: ops.attention(*a, impl="fused"), inputs, grad_out)
-    assert seen == [torch.float32] and out.dtype == torch.bfloat16
+    assert calls == [("chunked", torch.float32, True)] and out.dtype == torch.bfloat16
     _close(out, ref, TOL[torch.bfloat16])
     for a, b in zip(g, ref_g):
         assert a.dtype == torch.bfloat16
         _close(a, b, GRAD_TOL[torch.bfloat16])
-    ops.attention(*(t.float() for t in inputs), impl="fused")  # fp32 is native: no copies
-    assert seen == [torch.float32, torch.float32]
+    ops.attention(*inputs, impl="fused")  # inference: SDPA, on fp32 copies
+    assert calls[-1] == ("sdpa", torch.float32)
 
 
 def test_attention_on_dtensors_runs_the_kernel_on_local_blocks(tmp_path, monkeypatch):
