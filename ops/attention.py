@@ -98,23 +98,24 @@ def attention_decode(q, k, v, *, mask=None, scale=None):
 
 
 # The chunked kernel is auto's choice on CPU for causal prefill of at least this many queries
-# (see _chunked_is_faster). bf16, where the CPU multiplies bf16 natively (avx512_bf16 / AMX):
+# (see _chunked_keep_probs). bf16, where the CPU multiplies bf16 natively (avx512_bf16 / AMX):
 # it beat SDPA (1024 tokens, 32 heads of 128: forward 1.3x, forward+backward 1.1x; 512 tokens,
 # head dim 64: 1.3x) because torch's CPU flash kernel runs bf16 at about fp32 speed there while
 # this kernel multiplies P @ V in bf16. fp32 training, with the probabilities kept: see
-# SAVED_PROBS_MAX_BYTES. Otherwise (an fp32 forward alone, or fewer queries) SDPA's fused
-# online softmax is as fast or faster.
+# SAVED_PROBS_MAX_BYTES. An fp32 forward alone is as fast through SDPA's fused online softmax,
+# and below 512 queries the kernel gained little (fp32 training at 256 tokens: 1.0-1.1x SDPA).
 CHUNKED_MIN_QUERIES = 512
 # Query rows per block of the chunked causal kernel: each block computes scores only up to its
 # own last key, so a causal pass computes (n/c + 1) / (2 n/c) of the score matrix (56% at 1024
 # tokens, against 62.5% for torch's CPU flash kernel with its 256-row blocks), and 128 rows
-# keep the batched matmuls near peak.
+# keep the batched matmuls near peak (64, 96, 192 and 256 rows were no faster on a Zen 3).
 CHUNK_ROWS = 128
 # In training the kernel keeps each block's fp32 probabilities for backward when they fit in
-# this many bytes per call (1024 tokens x 32 heads take 72 MiB at batch 1, under half the
-# [B, H, S, S] scores the reference keeps): backward then runs 4 matmuls instead of 5 and no
-# softmax. On a Zen 3 (AVX2) that made fp32 forward+backward at 1024 tokens 1.16x SDPA's.
-# Beyond the budget, SDPA, which keeps O(S) per row.
+# this many bytes per call (1024 tokens x 32 heads take 72 MiB at batch 1, against 128 MiB for
+# each of the several [B, H, S, S] fp32 tensors the reference keeps): backward then runs 4
+# matmuls instead of 5 and no softmax. On a Zen 3 (AVX2) fp32 forward+backward became 1.1-1.3x
+# SDPA's at 1024 tokens and 1.46x at 512. Beyond the budget SDPA, which keeps O(S) per row
+# (recomputing in the chunked kernel was as fast at 1024 tokens and slower at 2048).
 SAVED_PROBS_MAX_BYTES = 128 << 20
 
 
@@ -139,12 +140,10 @@ def _rows_by_kv_head(x: torch.Tensor, g: int, dtype, scale: float | None = None)
     return out.copy_(src) if scale is None else torch.mul(src, scale, out=out)
 
 
-def _rows_by_position(x: torch.Tensor) -> torch.Tensor:
-    """[B, KV, S, G, d] -> a new [B, S, KV * G, d]."""
-    b, kv, s, g, d = x.shape
-    out = x.new_empty((b, s, kv * g, d))
-    out.view(b, s, kv, g, d).copy_(x.permute(0, 2, 1, 3, 4))
-    return out
+def _store_rows(dst: torch.Tensor, block: torch.Tensor, i: int, e: int) -> None:
+    """Write a kernel block [KV, (e - i) * G, d] into rows i:e of one sequence's [S, H, d]."""
+    n, kv, d = e - i, block.shape[0], block.shape[-1]
+    dst[i:e].view(n, kv, -1, d).copy_(block.view(kv, n, -1, d).transpose(0, 1))
 
 
 def _kv_heads(x: torch.Tensor) -> torch.Tensor:
@@ -194,16 +193,15 @@ class _ChunkedCausal(torch.autograd.Function):
         acc = torch.promote_types(q.dtype, torch.float32)
         qg = _rows_by_kv_head(q, h // kv, acc, scale)                      # [B, KV, Sq, G, d]
         kf = k.to(acc)
-        out = torch.empty_like(qg, dtype=dt)
+        out = q.new_empty(q.shape, dtype=dt)
         kept = []
         for bi in range(b):
             kb, vb = _kv_heads(kf[bi]), _kv_heads(v[bi])
             for i, e, kend in _query_blocks(sq, k.shape[1]):
                 probs = _block_probs(qg[bi], kb, i, e, kend)
-                out[bi, :, i:e].view(kv, -1, d).copy_(torch.bmm(probs.to(dt), vb[:, :kend]))
+                _store_rows(out[bi], torch.bmm(probs.to(dt), vb[:, :kend]), i, e)
                 if keep_probs:
                     kept.append(probs)
-        out = _rows_by_position(out)
         ctx.scale = scale
         ctx.save_for_backward(qg, k, v, out, *kept)  # saved tensors: activation checkpointing frees them
         return out
@@ -217,7 +215,7 @@ class _ChunkedCausal(torch.autograd.Function):
         dog = _rows_by_kv_head(grad_out, g, dt)                            # [B, KV, Sq, G, d]
         delta = (grad_out.to(acc) * out.to(acc)).sum(-1)                   # rowsum(dO * O), [B, Sq, H]
         delta = _rows_by_kv_head(delta.unsqueeze(-1), g, acc)              # [B, KV, Sq, G, 1]
-        dq = torch.empty_like(qg)
+        dq = grad_out.new_empty(grad_out.shape, dtype=acc)
         dk, dv = qg.new_zeros((b, kv, sk, d)), qg.new_zeros((b, kv, sk, d))
         kept = iter(kept)
         for bi in range(b):
@@ -229,9 +227,9 @@ class _ChunkedCausal(torch.autograd.Function):
                 do = dog[bi, :, i:e].reshape(kv, -1, d)
                 _add_bmm(dv[bi, :, :kend], probs.to(dt).transpose(1, 2), do)
                 ds = _score_grads(do, vb[:, :kend].transpose(1, 2), delta[bi, :, i:e].reshape(kv, -1, 1), probs)
-                dq[bi, :, i:e].view(kv, -1, d).copy_(torch.bmm(ds, kd[:, :kend]))
+                _store_rows(dq[bi], torch.bmm(ds, kd[:, :kend]), i, e)
                 _add_bmm(dk[bi, :, :kend], ds.transpose(1, 2), qg[bi, :, i:e].reshape(kv, -1, d).to(dt))
-        return (_rows_by_position(dq.mul_(ctx.scale)).to(grad_out.dtype), dk.transpose(1, 2).to(k.dtype),
+        return (dq.mul_(ctx.scale).to(grad_out.dtype), dk.transpose(1, 2).to(k.dtype),
                 dv.transpose(1, 2).to(v.dtype), None, None)
 
 
@@ -291,9 +289,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     (Sq = 1) against a KV cache sees every key. mask: optional bool, broadcastable to
     [B, H, Sq, Sk], True = may attend (e.g. [B, 1, 1, Sk] for padding). scale defaults to
     1/sqrt(hd). Rows with no visible key give zeros (reference, fused).
-    impl: "reference" (plain math), "fused" (SDPA; the grouped decode kernel when Sq = 1; the
-    chunked causal kernel for long bf16 prefill on CPU, see CHUNKED_MIN_QUERIES; on a CPU
-    without 16-bit matmul instructions, SDPA on fp32 copies: see emulated_matmul), "npu"
+    impl: "reference" (plain math), "fused" (SDPA; the grouped decode kernel when Sq = 1; on
+    CPU the chunked causal kernel for long bf16 prefill and fp32 training, see
+    _chunked_keep_probs; on a CPU without 16-bit matmul instructions, the fp32 choice on fp32
+    copies: see emulated_matmul), "npu"
     (npu_fusion_attention), "auto" (npu on NPU, else fused).
     """
     check_impl(impl)
