@@ -34,26 +34,34 @@ def default_chunk_size(vocab: int) -> int:
     return max(16, CHUNK_LOGITS // max(vocab, 1))
 
 
-def _softmax_stats(z, labels, valid):
-    """(per-token loss, logsumexp [c, 1], safe labels, z), all in the softmax dtype."""
-    zf = z.to(_acc(z.dtype))
+def _label_logits(z, labels, valid):
+    """(z[i, label_i] in z's dtype, labels with ignored rows pointed at 0). Gathered eagerly,
+    before any kernel that overwrites z: inductor in torch 2.11 scheduled this indirect read of
+    z after the in-place write of the gradient into z in the same compiled graph, so the loss
+    read softmax - 1 for the label logit (about +1 nat per token; the gradient was right)."""
     safe = torch.where(valid, labels, 0)
-    target = zf.gather(1, safe.unsqueeze(1)).squeeze(1)
+    return z.gather(1, safe.unsqueeze(1)).squeeze(1), safe
+
+
+def _softmax_stats(z, target, valid):
+    """(per-token loss, logsumexp [c, 1], z in the softmax dtype); target = _label_logits."""
+    zf = z.to(_acc(z.dtype))
     top = zf.amax(1, keepdim=True)
     lse = top + (zf - top).exp().sum(1, keepdim=True).log()
-    loss = torch.where(valid, lse.squeeze(1) - target, 0.0)
-    return loss, lse, safe, zf
+    loss = torch.where(valid, lse.squeeze(1) - target.to(zf.dtype), 0.0)
+    return loss, lse, zf
 
 
-def _softmax_loss_eager(z, labels, valid):
-    return _softmax_stats(z, labels, valid)[0]
+def _softmax_loss_eager(z, target, valid):
+    return _softmax_stats(z, target, valid)[0]
 
 
-def _softmax_grad_eager_(z, labels, valid):
+def _softmax_grad_eager_(z, target, safe, valid):
     """Per-token losses; overwrites z with d loss_sum / d z = softmax - onehot(label), zero
     on ignored rows. exp(z - lse) is recomputed rather than shared with the sum, so the
-    compiled kernel keeps no [c, V] intermediate: one pass for statistics, one for z."""
-    loss, lse, safe, zf = _softmax_stats(z, labels, valid)
+    compiled kernel keeps no [c, V] intermediate: one pass for statistics, one for z. Every
+    read of z here is a row reduction or at the position being written: safe in place."""
+    loss, lse, zf = _softmax_stats(z, target, valid)
     onehot = torch.arange(z.shape[1], device=z.device).unsqueeze(0) == safe.unsqueeze(1)
     z.copy_(torch.where(valid.unsqueeze(1), (zf - lse).exp() - onehot.to(zf.dtype), 0.0))
     return loss
@@ -65,12 +73,14 @@ _softmax_grad_compiled_ = LazyCompiled(_softmax_grad_eager_, dynamic=False)
 
 def _softmax_loss(z, labels, valid):
     big = z.numel() >= MIN_COMPILED_LOGITS
-    return (_softmax_loss_compiled if big else _softmax_loss_eager)(z, labels, valid)
+    target, _ = _label_logits(z, labels, valid)
+    return (_softmax_loss_compiled if big else _softmax_loss_eager)(z, target, valid)
 
 
 def _softmax_grad_(z, labels, valid):
     big = z.numel() >= MIN_COMPILED_LOGITS
-    return (_softmax_grad_compiled_ if big else _softmax_grad_eager_)(z, labels, valid)
+    target, safe = _label_logits(z, labels, valid)
+    return (_softmax_grad_compiled_ if big else _softmax_grad_eager_)(z, target, safe, valid)
 
 
 def _accumulate_eager(dst, src):
@@ -116,13 +126,15 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, chunk, need_dh, need_dw):
         scratch = _Scratch(min(chunk, hidden.shape[0]), weight, need_dw)
+        # Summed out of place: under torch.compile, torch 2.11 gives a zero gradient to a
+        # Function output that forward mutated in place (`loss += ...`; cf. pytorch#180642).
         loss = hidden.new_zeros((), dtype=_acc(weight.dtype))
         dh = torch.empty_like(hidden) if need_dh else None
         dw = torch.zeros_like(weight, dtype=_acc(weight.dtype)) if need_dw else None
         for start in range(0, hidden.shape[0], chunk):
             h, lab = hidden[start:start + chunk], labels[start:start + chunk]
             z = _chunk_logits(h, weight, scratch)
-            loss += _softmax_grad_(z, lab, lab != ignore_index).sum()
+            loss = loss + _softmax_grad_(z, lab, lab != ignore_index).sum()
             _chunk_backprop(z, h, weight, scratch, dh[start:start + chunk] if need_dh else None, dw)
         if need_dw and scratch.dw_part is not None:  # cast into the buffer: no extra copy
             dw = scratch.dw_part.copy_(dw)

@@ -408,21 +408,46 @@ def test_cross_entropy_default_chunk_bounds_logits():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cross_entropy_compiled_chunks_match_reference(dtype):
-    """Chunks of >= MIN_COMPILED_LOGITS logits take the compiled softmax kernels."""
+def test_cross_entropy_compiled_chunks_match_reference(dtype, monkeypatch):
+    """Chunks of >= MIN_COMPILED_LOGITS logits take the compiled softmax kernels, which
+    overwrite the logits with their gradient in place: the loss must still be read from the
+    logits as they were (torch 2.11's inductor ordered an indirect read after that write)."""
     vocab, chunk = 4096, MIN_COMPILED_LOGITS // 4096
-    hidden, weight, labels = _ce_inputs(chunk + 37, vocab, 32, dtype)  # one compiled, one eager
+    # 2 * chunk + 37 rows, of which ~80% count: one full compiled chunk, one eager remainder
+    hidden, weight, labels = _ce_inputs(2 * chunk + 37, vocab, 32, dtype)
+    ce = importlib.import_module("ops.cross_entropy")
+    calls, kernel = [], ce._softmax_grad_compiled_
+    monkeypatch.setattr(ce, "_softmax_grad_compiled_", lambda *a: calls.append(a[0].shape) or kernel(*a))
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     loss_r, _ = ops.cross_entropy(h1, w1, labels, impl="reference")
     loss_f, _ = ops.cross_entropy(h2, w2, labels, chunk_size=chunk, impl="fused")
+    assert calls == [(chunk, vocab)]  # the first chunk went through the compiled kernel
     _close(loss_f, loss_r, dict(atol=1e-3, rtol=1e-5) if dtype == torch.float32 else TOL[dtype])
     for a, b in zip(torch.autograd.grad(loss_f, (h2, w2)), torch.autograd.grad(loss_r, (h1, w1))):
         _close(a, b, GRAD_TOL[dtype])
-    if dtype == torch.float32:
-        with torch.no_grad():
-            _close(ops.cross_entropy(hidden, weight, labels, chunk_size=chunk)[0], loss_r,
-                   dict(atol=1e-3, rtol=1e-5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy_fused_under_torch_compile_matches_reference(dtype):
+    """The fused loss is a custom autograd.Function traced by dynamo when the loss is compiled
+    (pretrain.py --compile). torch 2.11 gave a zero gradient to a Function output that its
+    forward had mutated in place, on every backend; the Function must not rely on that."""
+    hidden, weight, labels = _ce_inputs(37, 53, 24, dtype)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss_r, _ = ops.cross_entropy(h1, w1, labels, impl="reference")
+    torch._dynamo.reset()  # backend "eager" is enough: dynamo's tracing of the Function was at fault
+    fused = torch.compile(lambda h, w, y: ops.cross_entropy(h, w, y, chunk_size=7, impl="fused"),
+                          backend="eager", fullgraph=True)
+    loss_f, n_f = fused(h2, w2, labels)
+    assert n_f.item() == int((labels != -100).sum())
+    _close(loss_f, loss_r, dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else TOL[dtype])
+    g_r = torch.autograd.grad(loss_r * 0.37, (h1, w1))
+    g_f = torch.autograd.grad(loss_f * 0.37, (h2, w2))
+    for a, b in zip(g_f, g_r):
+        assert a.abs().sum() > 0
+        _close(a, b, GRAD_TOL[dtype])
 
 
 # ----------------------------------------------------------------------------- adamw
