@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from aquila_fn import data, lora, model, optim, train
+from aquila_fn import data, device, lora, model, optim, train
 from aquila_fn.config import ModelConfig
 
 INSTRUCTION_KEYS = ("instruction", "output")
@@ -125,7 +125,8 @@ def finetune(config: ModelConfig, params: dict, examples: Sequence[dict], cfg: F
     [per-step dicts], "checkpoint": last saved path or None}. With out_dir, writes
     metrics.jsonl and checkpoints (adapters alone for LoRA; params for full SFT), with
     `metadata` (e.g. {"tokenizer": path}) added to the checkpoints' own. Full SFT
-    updates `params` in place (the train state owns them); LoRA never writes them."""
+    updates `params` in place (the train state owns them); LoRA never writes them. Batches go
+    to the device the parameters are on."""
     trainable, loss_sum_fn = trainable_and_loss(params, cfg)
     optimizer = make_optimizer(cfg)
     state = train.init_train_state(trainable, optimizer, precision=cfg.precision)
@@ -140,8 +141,9 @@ def finetune(config: ModelConfig, params: dict, examples: Sequence[dict], cfg: F
     bar = progress_bar(total=cfg.steps, desc="finetune", enabled=progress)
     source = batches(examples, cfg.batch_size, pad_id, cfg.seed)
     t0 = time.perf_counter()
+    where = params["embed"].device
     for step in range(1, cfg.steps + 1):
-        state, metrics = step_fn(state, next(source))
+        state, metrics = step_fn(state, device.to_device(next(source), where))
         record = {"step": step, **metrics, "time": round(time.perf_counter() - t0, 3)}
         history.append(record)
         if out is not None and (step % cfg.log_every == 0 or step == cfg.steps):
@@ -176,6 +178,6 @@ def mean_loss(config: ModelConfig, params: dict, examples: Sequence[dict], *, pa
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = data.collate_instruction(examples[start:start + batch_size], pad_id)
-        s, n = model.loss_sum_fn(params, batch, config)
+        s, n = model.loss_sum_fn(params, device.to_device(batch, params["embed"].device), config)
         total, count = total + float(s), count + int(n)
     return total / max(count, 1)

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from aquila_fn import checkpoint, data, model, optim, pytree, sharding, train
+from aquila_fn import checkpoint, data, device, model, optim, pytree, sharding, train
 from aquila_fn.config import ModelConfig, PRESETS, get_config
 from ops import _dispatch as ops_dispatch
 from parallel import shutdown_distributed
@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sample-tokens", type=int, default=96)
     a("--temperature", type=float, default=0.8)
     a("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar on stderr")
+    device.add_argument(p)
     sharding.add_arguments(p)  # --mesh, --zero, --sequence-parallel, ... (parallel layouts)
     return p
 
@@ -162,6 +163,11 @@ class Run:
     optimizer: optim.GradientTransformation
     out: Path
     par: Any = None  # sharding.ParallelSetup: the identity on one process
+
+    @property
+    def device(self) -> torch.device:
+        """Where parameters, optimizer state and batches live."""
+        return self.par.device
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -213,8 +219,10 @@ def warn_if_emulated(precision: str) -> None:
 
 def setup(args: argparse.Namespace) -> Run:
     validate_args(args)
-    precision = train.default_precision("cpu") if args.precision == "auto" else args.precision
-    warn_if_emulated(precision)
+    dev = device.of(args)
+    precision = train.default_precision(dev) if args.precision == "auto" else args.precision
+    if dev.type == "cpu":
+        warn_if_emulated(precision)
     tokenizer = load_tokenizer_or_none(args.tokenizer)
     config = load_config(args.config, args.model_overrides)
     if tokenizer is not None:
@@ -328,19 +336,19 @@ class StopRequest:
 # ----------------------------------------------------------------------------- metrics
 
 
-def peak_flops(precision: str, device: str | torch.device = "cpu",
-               override_tflops: float | None = None) -> float:
+def peak_flops(precision: str, where: str | torch.device = "cpu",
+               override_tflops: float | None = None) -> float | None:
+    """Dense peak FLOP/s of one device for MFU: --peak-tflops, else the PEAK_TFLOPS row whose
+    key is in the device's product name (cuda:0 (NVIDIA H200) -> H200); None for an
+    accelerator the table does not know (MFU is then not reported)."""
     if override_tflops:
         return override_tflops * 1e12
-    kind = torch.device(device).type
-    if kind == "cuda" and torch.cuda.is_available():
-        name = torch.cuda.get_device_name(torch.device(device))
-        row = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-    elif kind == "npu":
-        row = PEAK_TFLOPS["Ascend910B"]
-    else:
-        row = PEAK_TFLOPS["cpu"]
-    return (row or PEAK_TFLOPS["cpu"])[precision] * 1e12
+    dev = torch.device(where)
+    if dev.type == "cpu":
+        return PEAK_TFLOPS["cpu"][precision] * 1e12
+    label = device.name(dev)
+    row = next((v for k, v in PEAK_TFLOPS.items() if k != "cpu" and k in label), None)
+    return row[precision] * 1e12 if row else None
 
 
 class MetricsLog:
@@ -402,7 +410,7 @@ def validation_loss(run: Run, eval_loss, params) -> float | None:
     batches = [b for _, b in data.batch_iterator(ds, mbs, stop=stop)]
     if not batches:  # the split is smaller than one micro-batch: evaluate what there is
         batches = [b for _, b in data.batch_iterator(ds, len(ds))]
-    return eval_loss(params, batches) if batches else None
+    return eval_loss(params, [device.to_device(b, run.device) for b in batches]) if batches else None
 
 
 def generate_samples(run: Run, params, generator: torch.Generator) -> list[str]:
@@ -430,7 +438,8 @@ def step_record(step: int, m: dict, seconds: float, tokens: int, flops_per_token
                 peak: float) -> dict:
     """One metrics.jsonl line: the step's metrics plus throughput and MFU."""
     return {"step": step, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
-            "tokens_per_s": tokens / seconds, "mfu": flops_per_token * tokens / seconds / peak,
+            "tokens_per_s": tokens / seconds,
+            "mfu": flops_per_token * tokens / seconds / peak if peak else None,
             "n_tokens": m["n_tokens"], "skipped": m["skipped"], "loss_scale": m["loss_scale"],
             "step_time": seconds}
 
@@ -444,7 +453,11 @@ def train_loop(run: Run, state: dict, position: int, log: MetricsLog):
                                          compile=args.compile, impl=args.impl)
     eval_loss = run.par.make_eval_loss(run.config, precision=run.precision, impl=args.impl)
     tokens, flops = args.batch_size * args.seq_len, run.config.flops_per_token(args.seq_len)
-    peak = peak_flops(run.precision, "cpu", args.peak_tflops) * run.par.world_size
+    peak = peak_flops(run.precision, run.device, args.peak_tflops)
+    if peak is None and run.par.is_main:
+        warnings.warn(f"no peak FLOP/s known for {device.name(run.device)}: MFU is not reported "
+                      "(pass --peak-tflops)", RuntimeWarning, stacklevel=2)
+    peak = peak * run.par.world_size if peak else None
     batches = data.batch_iterator(run.datasets["train"], args.batch_size, start=position,
                                   stop=args.steps * args.batch_size)
     from tqdm import tqdm
@@ -454,7 +467,7 @@ def train_loop(run: Run, state: dict, position: int, log: MetricsLog):
     with StopRequest().installed() as stop, bar:
         for position, batch in batches:
             t0 = time.perf_counter()
-            state, m = train_step(state, run.par.local_batch(batch))
+            state, m = train_step(state, device.to_device(run.par.local_batch(batch), run.device))
             step = int(state["step"])
             record = step_record(step, m, time.perf_counter() - t0, tokens, flops, peak)
             if step == args.steps or (args.eval_every and step % args.eval_every == 0):
@@ -462,7 +475,7 @@ def train_loop(run: Run, state: dict, position: int, log: MetricsLog):
             log.write(record)
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                            mfu=f"{record['mfu']:.1%}", refresh=False)
+                            mfu=f"{record['mfu']:.1%}" if peak else "?", refresh=False)
             if run.par.any_rank(stop.signum is not None):  # every rank stops at the same step
                 interrupted = signal.Signals(stop.signum or signal.SIGTERM).name
                 break
@@ -475,6 +488,10 @@ def pretrain(args: argparse.Namespace) -> dict:
     """Run (or continue) pretraining; returns a summary dict (also written to <out>/summary.json)."""
     started = time.perf_counter()
     run = setup(args)
+    if run.par.is_main:
+        print(device.header("pretrain", run.device, precision=run.precision,
+                            processes=run.par.world_size if run.par.world_size > 1 else None),
+              file=sys.stderr, flush=True)
     state, position = resume_state(run) if args.resume else fresh_state(run)
     start_step = int(state["step"])
     log = MetricsLog(run.out / "metrics.jsonl", start_step if args.resume else None,
@@ -490,8 +507,7 @@ def pretrain(args: argparse.Namespace) -> dict:
         if log.records and run.par.is_main:
             plot_losses(log.records, run.out / "loss.png")
             summary["plot"] = os.fspath(run.out / "loss.png")
-        generator = torch.Generator()
-        generator.set_state(state["rng"])
+        generator = device.generator_from_state(state["rng"], run.device)
         params = run.par.full_params(state["params"])  # a collective: every rank takes part
         summary["samples"] = generate_samples(run, params, generator) if run.par.is_main else []
     summary["elapsed_s"] = time.perf_counter() - started

@@ -52,12 +52,15 @@ def make_layout(mesh: parallel.Mesh, *, zero: int = 0, sequence_parallel: bool =
     return Layout(mesh, rules, zero=zero, sequence_parallel=sequence_parallel)
 
 
-def init_params(config: ModelConfig, seed: int, layout: Layout, *, dtype: torch.dtype = torch.float32) -> Any:
+def init_params(config: ModelConfig, seed: int, layout: Layout, *, dtype: torch.dtype = torch.float32,
+                device: str | torch.device | None = None) -> Any:
     """Sharded initialisation, equal to `shard(model.init_params(config, seed), layout)`: each
-    leaf is generated from (seed, path) as one process would, sliced, and dropped."""
+    leaf is generated from (seed, path) as one process would, sliced, and dropped. Leaves are
+    materialised on `device` (default: the mesh's device type)."""
     shapes = model.param_shapes(config, dtype)
+    device = layout.mesh.device if device is None else device
     return parallel.materialize(
-        shapes, lambda path, meta: model.init_leaf(path, meta.shape, config, seed, dtype), layout)
+        shapes, lambda path, meta: model.init_leaf(path, meta.shape, config, seed, dtype, device), layout)
 
 
 def local_batch(batch: dict, layout: Layout) -> dict:
@@ -257,8 +260,11 @@ class ParallelSetup:
     on one process: the layout, sharded init, the optimizer wrapper, the train step, batch
     rows, evaluation, gathering for samples, and failing loudly instead of hanging."""
 
-    def __init__(self, layout: Layout, *, offload: bool = False, timeout_s: float = 300.0):
+    def __init__(self, layout: Layout, *, offload: bool = False, timeout_s: float = 300.0,
+                 device: str | torch.device | None = None):
         self.layout, self.offload, self.timeout_s = layout, offload, timeout_s
+        # where this process's parameters and batches live (default: the mesh type's current device)
+        self.device = torch.device(device) if device is not None else _current(layout.mesh.device)
         self.watchdog = None  # set by guard(); train steps and evaluations pet it
         self.pipeline: _PipelineOptions | None = None  # set when the mesh has a pp axis
         self._pipe = None  # (pipeline, context) once built by init_params
@@ -269,11 +275,12 @@ class ParallelSetup:
 
     @classmethod
     def from_args(cls, args) -> "ParallelSetup":
-        mesh = parallel.make_mesh(getattr(args, "mesh", None), timeout_s=getattr(args, "dist_timeout", 300.0))
+        mesh = parallel.make_mesh(getattr(args, "mesh", None), timeout_s=getattr(args, "dist_timeout", 300.0),
+                                  device=getattr(args, "device", None))
         layout = make_layout(mesh.without("pp"), zero=getattr(args, "zero", 0),
                              sequence_parallel=getattr(args, "sequence_parallel", False))
         setup = cls(layout, offload=getattr(args, "offload_optimizer", False),
-                    timeout_s=getattr(args, "dist_timeout", 300.0))
+                    timeout_s=getattr(args, "dist_timeout", 300.0), device=getattr(args, "device", None))
         micro = args.batch_size // (args.micro_batch_size or args.batch_size)
         if mesh.has("pp") or getattr(args, "virtual_stages", 1) > 1:
             setup.pipeline = _PipelineOptions.from_args(args, mesh, micro)
@@ -302,7 +309,7 @@ class ParallelSetup:
 
     def init_params(self, config: ModelConfig, seed: int):
         if self.pipeline is None:
-            return init_params(config, seed, self.layout)
+            return init_params(config, seed, self.layout, device=self.device)
         o, self._config = self.pipeline, config
         params, pipe, _, context = make_pipeline(
             config, seed, o.mesh, zero=self.layout.zero, sequence_parallel=self.layout.sequence_parallel,
@@ -401,8 +408,19 @@ class ParallelSetup:
 
 
 def place_like(loaded: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
-    """A full tensor from a checkpoint placed like `template` (resharding on resume)."""
-    return parallel.shard_like(loaded, template)
+    """A full tensor from a checkpoint placed like `template` (resharding on resume), on the
+    template's device whichever device it was saved from."""
+    placed = parallel.shard_like(loaded, template)
+    if type(placed) is torch.Tensor and placed.device != template.device:
+        placed = placed.to(template.device)
+    return placed
+
+
+def _current(kind: str) -> torch.device:
+    """`kind` with the index of the current device of that type ('cuda' -> cuda:N)."""
+    if kind == "cpu":
+        return torch.device("cpu")
+    return torch.device(kind, getattr(torch, kind).current_device())
 
 
 # ----------------------------------------------------------------------------- pipeline parallelism
@@ -525,7 +543,7 @@ def make_pipeline(config: ModelConfig, seed: int, mesh: parallel.Mesh, *, zero: 
     for s in mine:
         shapes = _stage_shapes(config, s, n_stages)
         params = parallel.materialize(
-            shapes, lambda path, meta: model.init_leaf(path, meta.shape, config, seed), layout)
+            shapes, lambda path, meta: model.init_leaf(path, meta.shape, config, seed, device=mesh.device), layout)
         stages.append((s, params, _stage_fn(config, layout, s, n_stages, compute_dtype=compute_dtype,
                                             impl=impl, recompute=recompute)))
     holder: dict = {}
@@ -590,7 +608,7 @@ class _PipelineOptions:
 
     @classmethod
     def from_args(cls, args, mesh: parallel.Mesh, micro_batches: int) -> "_PipelineOptions":
-        precision = train.default_precision("cpu") if args.precision == "auto" else args.precision
+        precision = train.default_precision(mesh.device) if args.precision == "auto" else args.precision
         if precision == "fp16":
             raise ValueError("pipeline parallelism runs bf16 or fp32 (fp16 loss scaling is not wired "
                              "through the pipeline schedules)")

@@ -80,6 +80,18 @@ def _backend(dev: str) -> str:
     return {"cuda": "nccl", "npu": "hccl"}.get(dev, "gloo")
 
 
+def _process_group_backend(dev: str) -> str:
+    """NCCL / HCCL for the accelerator's tensors, plus gloo for the CPU tensors a run reduces
+    too (token counts, stop flags, loss sums kept on the host)."""
+    main = _backend(dev)
+    return main if main == "gloo" else f"cpu:gloo,{dev}:{main}"
+
+
+def _device_kind(device) -> str:
+    """The device type this process runs on: `device`'s, or the one found (device_type)."""
+    return device_type() if device is None else torch.device(device).type
+
+
 def overlapping_gathers_safe(mesh: "Mesh") -> bool:
     """Whether several asynchronous (functional-collective) all-gathers may be in flight at once.
 
@@ -90,19 +102,22 @@ def overlapping_gathers_safe(mesh: "Mesh") -> bool:
     return _backend(mesh.device) != "gloo"
 
 
-def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S, device=None) -> bool:
     """Join the torchrun process group (once); False when running as one plain process.
 
     The timeout bounds every collective: a dead or stalled peer becomes an error, not a hang.
+    `device` (e.g. torch.device("cuda", 1); default: the accelerator found, at LOCAL_RANK)
+    becomes this process's current device and picks the backend: nccl, hccl or gloo.
     """
     if dist.is_available() and dist.is_initialized():
         return True
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "MASTER_ADDR" not in os.environ:
         return False
-    dev = device_type()
+    dev = _device_kind(device)
     if dev != "cpu":
-        getattr(torch, dev).set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(_backend(dev), timeout=datetime.timedelta(seconds=timeout_s))
+        index = torch.device(device).index if device is not None else None
+        getattr(torch, dev).set_device(int(os.environ.get("LOCAL_RANK", "0")) if index is None else index)
+    dist.init_process_group(_process_group_backend(dev), timeout=datetime.timedelta(seconds=timeout_s))
     return True
 
 
@@ -172,15 +187,17 @@ class Mesh:
         return ",".join(f"{a}={n}" for a, n in self.axes.items()) or "single"
 
 
-def make_mesh(spec: str | dict | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> Mesh:
+def make_mesh(spec: str | dict | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+              device=None) -> Mesh:
     """A named mesh over the torchrun processes; the trivial mesh for one process.
 
     `spec`: "dp=2,tp=2" (sizes may include one -1), a dict, or None for pure data parallelism.
+    `device`: where this process runs (see init_distributed); the mesh is of its type.
     """
-    distributed = init_distributed(timeout_s)
+    distributed = init_distributed(timeout_s, device)
     world = dist.get_world_size() if distributed else 1
     axes = parse_mesh(spec, world)
-    dev = device_type()
+    dev = _device_kind(device)
     if world == 1:
         return Mesh({}, None, dev)
     from torch.distributed.device_mesh import init_device_mesh

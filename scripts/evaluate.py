@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from aquila_fn import device
 from aquila_fn.evaluate import load_model_and_tokenizer
 from aquila_fn.tasks import TASKS, TaskDataError, run_task
 
@@ -41,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=256, help="generative tasks")
     p.add_argument("--max-len", type=int, help="context window used (default: the model's)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--device", default="cpu")
+    device.add_argument(p)
     p.add_argument("--out", help="results file (default: <task>_results.json)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -49,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    print(device.header("evaluate", args.device, dtype=args.dtype), file=sys.stderr, flush=True)
     try:
         config, params, tokenizer = load_model_and_tokenizer(
             args.model, args.tokenizer, adapters_path=args.adapters, dtype=DTYPES[args.dtype],

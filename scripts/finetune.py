@@ -19,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+from aquila_fn import device, train
 from aquila_fn.evaluate import load_model_and_tokenizer
 from aquila_fn.finetune import FinetuneConfig, finetune, load_instruction_examples
 from aquila_fn.lora import DEFAULT_TARGETS, lora_merge
@@ -42,17 +43,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batches", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=512, help="capped at the model's max_seq_len")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto: bf16 where the device computes it natively, else fp32")
     p.add_argument("--save-every", type=int, default=0, help="0 = at the end only")
     p.add_argument("--merge", action="store_true", help="LoRA: also save the merged model")
     p.add_argument("--no-progress", action="store_true")
+    device.add_argument(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    precision = train.default_precision(args.device) if args.precision == "auto" else args.precision
+    print(device.header("finetune", args.device, precision=precision), file=sys.stderr, flush=True)
     try:
-        config, params, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer)
+        config, params, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device=args.device)
         seq_len = min(args.seq_len, config.max_seq_len)
         examples = load_instruction_examples(args.data, tokenizer, seq_len)
     except (FileNotFoundError, ValueError) as e:
@@ -62,7 +67,7 @@ def main(argv=None) -> int:
                          steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps, min_lr=args.min_lr,
                          weight_decay=args.weight_decay, batch_size=args.batch_size,
                          micro_batches=args.micro_batches, seq_len=seq_len, seed=args.seed,
-                         precision=args.precision, save_every=args.save_every)
+                         precision=precision, save_every=args.save_every)
     pad_id = next(i for i in (tokenizer.pad_id, tokenizer.eos_id, 0) if i is not None)
     meta = {"tokenizer": str(Path(tokenizer.path).resolve()), "base_model": str(Path(args.model).resolve()),
             "data": str(args.data)}  # so generate.load_model finds the tokenizer of a full-SFT checkpoint

@@ -20,6 +20,7 @@ from typing import Sequence, TextIO
 
 import torch
 
+from aquila_fn import device
 from aquila_fn.generate import (AQUILA_STOP, DEFAULT_MODEL, Decoder, aquila_chat_prompt,
                                 completion_text, load_model)
 from aquila_fn.sampling import SamplingParams
@@ -50,7 +51,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--quantize", choices=["int8"], help="weight-only int8 (per-channel scales)")
     p.add_argument("--compile", action="store_true", help="compile prefill and decode step (torch.compile)")
-    p.add_argument("--device", default="cpu")
+    device.add_argument(p)
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's); 1 on an oversubscribed machine")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
@@ -71,7 +72,7 @@ def build(args):
         from aquila_fn.quantize import quantize_params
         params = quantize_params(params)
     # Compiled CPU decoding is bandwidth-bound: huge pages speed up its sweep over the weights.
-    hugepages = args.compile and torch.device(args.device).type == "cpu"
+    hugepages = args.compile and args.device.type == "cpu"
     decoder = Decoder(params, config, compile=args.compile, compute_dtype=dtype, hugepages=hugepages)
     return decoder, tok
 
@@ -206,8 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.generator = torch.Generator().manual_seed(args.seed)  # one stream for the whole session
+    print(device.header("generate", args.device, dtype=args.dtype), file=sys.stderr, flush=True)
     decoder, tok = build(args)
+    args.generator = device.generator(args.device, args.seed)  # one stream for the whole session
     with torch.no_grad():
         if args.interactive:
             interactive(args, decoder, tok, sys.stdin, sys.stdout, sys.stderr)
