@@ -170,3 +170,10 @@ def generator_from_state(state: torch.Tensor, device: str | torch.device) -> tor
         return cpu
     seed = int(torch.randint(0, 2 ** 62, (), generator=cpu))
     return generator(device, seed)
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the device's queued work (before reading a clock); nothing to wait for on the CPU."""
+    mod = _module(torch.device(device).type)
+    if mod is not None:
+        mod.synchronize(torch.device(device))

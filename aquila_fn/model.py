@@ -73,14 +73,17 @@ def leaf_seed(seed: int, path: str) -> int:
 def init_leaf(path: str, shape: torch.Size, config: ModelConfig, seed: int,
               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.Tensor:
     """Materialise one leaf: norms are ones; matrices N(0, std), with the residual-output
-    projections (wo, w_down) scaled by 1/sqrt(2·n_layers) as Megatron's scaled init does."""
+    projections (wo, w_down) scaled by 1/sqrt(2·n_layers) as Megatron's scaled init does.
+    On a GPU or NPU the values are drawn there, by that device's generator (the CPU's would take
+    minutes for a 7B model), so they depend on the device type, never on order or sharding."""
     if path.endswith("norm"):
         return torch.ones(shape, dtype=dtype, device=device)
     std = config.init_std
     if path.endswith(("wo", "w_down")):
         std /= math.sqrt(2 * config.n_layers)
-    gen = torch.Generator().manual_seed(leaf_seed(seed, path))
-    values = torch.randn(shape, generator=gen, dtype=torch.float32) * std
+    where = torch.device(device) if torch.device(device).type in ("cuda", "npu") else torch.device("cpu")
+    gen = torch.Generator(device=where).manual_seed(leaf_seed(seed, path))
+    values = torch.randn(shape, generator=gen, dtype=torch.float32, device=where).mul_(std)
     return values.to(dtype=dtype, device=device)
 
 

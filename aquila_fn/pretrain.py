@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out", default=d["out"], help="run directory: metrics.jsonl, checkpoints, loss.png")
     a("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     a("--keep", type=int, default=2, help="checkpoints to keep")
+    a("--save-final", action=argparse.BooleanOptionalAction, default=True,
+      help="checkpoint at the end of the run (--no-save-final: benchmarks, smoke runs)")
     a("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     a("--eval-every", type=int, default=d["eval_every"], help="validation every N steps (0: only at the end)")
     a("--eval-iters", type=int, default=8, help="validation micro-batches per evaluation")
@@ -298,7 +300,7 @@ def checkpoint_dir(run: Run) -> Path:
 def save(run: Run, state: dict, position: int) -> str:
     meta = {"config": run.config.to_dict(), "data_position": position, "precision": run.precision,
             "tokenizer": os.path.abspath(run.args.tokenizer) if run.args.tokenizer else None,
-            "args": {k: v for k, v in vars(run.args).items() if _json_scalar(v)}}
+            "args": {k: v for k, v in vars(run.args).items() if _json_scalar(v)}, "device": str(run.device)}
     return checkpoint.save_checkpoint(checkpoint_dir(run), run.par.checkpoint_view(state), step=int(state["step"]), metadata=meta,
                                       keep=run.args.keep)
 
@@ -500,7 +502,7 @@ def pretrain(args: argparse.Namespace) -> dict:
         state, position, interrupted, val = train_loop(run, state, position, log)
     step = int(state["step"])
     summary = {"steps": step, "interrupted": interrupted, "precision": run.precision,
-               "checkpoint": save(run, state, position) if step > start_step else None,
+               "checkpoint": save(run, state, position) if step > start_step and getattr(args, "save_final", True) else None,
                "first_loss": log.records[0]["loss"] if log.records else None,
                "train_loss": log.records[-1]["loss"] if log.records else None, "val_loss": val}
     if interrupted is None:

@@ -65,7 +65,8 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out or f"{summary['task']}_results.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"summary": summary, "args": vars(args), "records": records},
+    out.write_text(json.dumps({"summary": summary, "args": {**vars(args), "device": str(args.device)},
+                              "records": records},
                               ensure_ascii=False, indent=1))
     print(json.dumps({**summary, "out": str(out)}, ensure_ascii=False))
     return 0
