@@ -5,8 +5,8 @@ No accelerator here: CUDA and NPU are faked by monkeypatching torch.cuda / a sta
 live elsewhere than on the CPU, the `meta` device stands in for the accelerator.
 """
 import argparse
+import subprocess
 import sys
-import types
 
 import pytest
 import torch
@@ -41,22 +41,6 @@ def fake_cuda(monkeypatch, no_npu):
     return current
 
 
-@pytest.fixture
-def fake_npu(monkeypatch):
-    """torch_npu installed, eight Ascend 910B2 visible (and CUDA too: npu must win)."""
-    if torch._C._get_privateuse1_backend_name() == "privateuseone":
-        torch.utils.rename_privateuse1_backend("npu")  # what importing torch_npu does (once per process)
-    current = {}
-    npu = types.SimpleNamespace(is_available=lambda: True, device_count=lambda: 8,
-                                set_device=lambda d: current.update(device=torch.device(d)),
-                                get_device_name=lambda d=None: "Ascend910B2")
-    monkeypatch.setitem(sys.modules, "torch_npu", types.ModuleType("torch_npu"))
-    monkeypatch.setattr(torch, "npu", npu, raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    return current
-
-
 # ----------------------------------------------------------------------------- resolution
 
 
@@ -84,11 +68,28 @@ def test_under_torchrun_each_rank_takes_its_local_rank(fake_cuda, monkeypatch):
         device.resolve("auto")
 
 
-def test_npu_comes_before_cuda(fake_npu, monkeypatch):
-    monkeypatch.setenv("LOCAL_RANK", "5")
-    assert device.resolve("auto") == torch.device("npu", 5)
-    assert fake_npu["device"] == torch.device("npu", 5)
-    assert device.name(torch.device("npu", 5)) == "npu:5 (Ascend910B2)"
+NPU_CHECK = """
+import os, sys, types, torch
+from aquila_fn import device
+# What importing torch_npu does: name the privateuse1 device "npu" (irreversible, hence this
+# separate process) and register torch.npu. Eight Ascend 910B2 and two GPUs are visible.
+torch.utils.rename_privateuse1_backend("npu")
+current = {}
+torch.npu = types.SimpleNamespace(is_available=lambda: True, device_count=lambda: 8,
+                                  set_device=lambda d: current.update(device=torch.device(d)),
+                                  get_device_name=lambda d=None: "Ascend910B2")
+sys.modules["torch_npu"] = types.ModuleType("torch_npu")
+torch.cuda.is_available, torch.cuda.device_count = (lambda: True), (lambda: 2)
+os.environ["LOCAL_RANK"] = "5"
+dev = device.resolve("auto")
+print(dev, current["device"], device.name(dev), device.resolve("npu:2"))
+"""
+
+
+def test_npu_comes_before_cuda_and_takes_local_rank():
+    out = subprocess.run([sys.executable, "-c", NPU_CHECK], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[0] == "npu:5 npu:5 npu:5 (Ascend910B2) npu:2"
 
 
 @pytest.mark.parametrize("spec, message", [
