@@ -437,7 +437,7 @@ def generate_samples(run: Run, params, generator: torch.Generator) -> list[str]:
 
 
 def step_record(step: int, m: dict, seconds: float, tokens: int, flops_per_token: float,
-                peak: float) -> dict:
+                peak: float | None) -> dict:
     """One metrics.jsonl line: the step's metrics plus throughput and MFU."""
     return {"step": step, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
             "tokens_per_s": tokens / seconds,
