@@ -6,7 +6,9 @@ all-reduces starting before backward ends.
 
 extra_info: tokens/s of both, their ratio, and from a profiled overlapped step the gradient
 all-reduces (bucket sizes), how many started before the last backward op ended, and how long
-before it.
+before it. With the default buckets, tiny's 12 MiB of gradients make two: the first (1 MiB cap,
+as DDP) starts during the last micro-batch's backward, the rest when that backward ends; the
+post-backward path sends one all-reduce per leaf.
 
 Run: pytest benchmarks/test_bench_overlap.py --benchmark-only
 """
@@ -37,6 +39,6 @@ def test_overlapped_reduction_at_least_as_fast_as_post_backward(benchmark):
     benchmark.extra_info.update(result)
     # the gradient all-reduces of the overlapped step start while backward is still running
     assert result["started_before_backward_end"] > 0, result
-    # ratio of best times over interleaved rounds (1.00-1.08 measured here; one run of four on
-    # a heavily shared machine gave 0.92, so the bound leaves that noise room)
+    # ratio of best times over interleaved rounds: six runs on this shared 2-core machine gave
+    # 0.92, 1.00, 1.04, 1.06, 1.08, 1.11 (other jobs' load varies within a run), hence 0.9
     assert result["speedup"] >= 0.9, result
