@@ -102,7 +102,8 @@ def make_loss_sum_fn(layout: Layout, *, reducer: GradReducer | None = None,
     on the mesh: parameters gathered for computation (ZeRO-3 with prefetch, resharded after
     forward: backward gathers each saved weight again, see ReshardAfterForward), the batch split
     over the data axes, the model run on DTensors. Returns this rank's partial sums as plain
-    tensors (the gradient flows back into the DTensor parameters)."""
+    tensors (the gradient flows back into the DTensor parameters). With `reducer`, gradients
+    are reduced in its buckets while backward runs (ZeRO-3's reduce-scatters included)."""
 
     def loss_sum(params, batch, config, **kw):
         kw["impl"] = ops_impl(layout, kw.get("impl", "auto"))
@@ -110,7 +111,8 @@ def make_loss_sum_fn(layout: Layout, *, reducer: GradReducer | None = None,
             if reducer is not None:
                 reducer.watch(params)
             with ReshardAfterForward() if needs_gather(layout) else contextlib.nullcontext() as reshard:
-                p = compute_view(params, layout, stream=LAYERS, reshard=reshard, dtype=kw.get("compute_dtype"))
+                p = compute_view(params, layout, stream=LAYERS, reshard=reshard, dtype=kw.get("compute_dtype"),
+                                 reducer=reducer if reducer is not None and reducer.overlap else None)
                 total, n = model.loss_sum_fn(p, shard_batch(batch, layout), config, **kw)
             total, n = local_value(total), local_value(n)
         if context is not None:
@@ -128,17 +130,15 @@ def make_train_step(config: ModelConfig, optimizer, layout: Layout, *, micro_bat
     """`train.make_train_step` on a mesh; `step(state, local_batch) -> (state, metrics)`.
 
     The loss is token-weighted over the *global* batch (every rank's share scaled by
-    n_local / n_global), gradients are reduced during backward in buckets when there is one
-    micro-batch (`overlap`), and the metrics are global. On one process it is exactly
+    n_local / n_global), gradients are reduced in buckets during backward (`overlap`; with
+    micro-batches, during the last one's backward, ZeRO-3's reduce-scatters during each; see
+    parallel.grads), and the metrics are global. On one process it is exactly
     `train.make_train_step`.
     """
     if layout.trivial:
         return train.make_train_step(config, optimizer, micro_batches=micro_batches, precision=precision,
                                      recompute=recompute, compile=compile, impl=impl, **kwargs)
-    # Hooks would see each micro-batch's gradient before train.py adds them up, and an fp16
-    # loss scale is divided out after backward: in those cases reduce after backward instead.
-    reducer = GradReducer(layout, bucket_bytes=bucket_bytes,
-                          overlap=overlap and micro_batches == 1 and precision != "fp16")
+    reducer = GradReducer(layout, bucket_bytes=bucket_bytes, overlap=overlap)
     context = _StepContext()
 
     def grad_transform(grads, loss_sum, n_tokens):
@@ -159,6 +159,7 @@ def make_train_step(config: ModelConfig, optimizer, layout: Layout, *, micro_bat
         context.n_global = int(_all_reduce(n_local, layout))
         context.factor = n_local / max(context.n_global, 1)
         context.raw_sums.clear()
+        reducer.begin_step(micro_batches, scale=float(state["loss_scale"]["scale"]))
         with layout.activate():
             return inner(state, batch)
 
@@ -173,7 +174,7 @@ def plan_model(config_name: str, overrides: dict | None = None, precision: str =
     """The `parallel.plan` plugin: Aquila's parameters, layout, loss and optimizer."""
     from unittest import mock
 
-    from aquila_fn import optim
+    from aquila_fn import optim, pipeline_stages
     from aquila_fn.config import get_config
     from parallel.plan import PlanModel
 
@@ -199,40 +200,15 @@ def plan_model(config_name: str, overrides: dict | None = None, precision: str =
         ids = torch.zeros((rows, seq_len), dtype=torch.long, device="meta")
         return {"input_ids": ids, "labels": ids.clone()}
 
-    def stage_params(params, stage, n_stages):
-        keys = _stage_shapes(config, stage, n_stages)
-        out = {k: params[k] for k in keys if k != "layers"}
-        out["layers"] = {i: params["layers"][int(i)] for i in keys["layers"]}
-        return {k: out[k] for k in keys}
-
-    def stage_loss(layout, stage, n_stages):
-        first, last, _ = _stage_parts(config, stage, n_stages)
-        fn = _stage_fn(config, layout, stage, n_stages, compute_dtype=compute_dtype, impl="auto",
-                       recompute=recompute)
-        head_loss = _pipeline_loss(config, layout, lambda: holder["params"]["lm_head"], _PipeContext(), "auto")
-        holder: dict = {}
-
-        def run(params, batch):
-            ids = batch["input_ids"]
-            if first:
-                x = ids
-            else:  # the activation received from the previous stage (its gradient is sent back)
-                x = torch.zeros((*ids.shape, config.dim), dtype=compute_dtype or torch.float32,
-                                device=ids.device, requires_grad=True)
-            out = fn(params, x)
-            if last:
-                holder["params"] = params
-                return head_loss(out, batch["labels"])
-            return out.float().sum()
-
-        return run
-
     def boundary_bytes(rows, seq_len):
         return rows * seq_len * config.dim * (compute_dtype or torch.float32).itemsize
 
     return PlanModel(name=config_name, make_layout=make_layout, init_params=init, loss=loss, batch=batch,
-                     optimizer=lambda: optim.adamw(1e-4, max_grad_norm=1.0), stage_params=stage_params,
-                     stage_loss=stage_loss, boundary_bytes=boundary_bytes, num_params=config.num_params())
+                     optimizer=lambda: optim.adamw(1e-4, max_grad_norm=1.0),
+                     stage_params=pipeline_stages.plan_stage_params(config),
+                     stage_loss=pipeline_stages.plan_stage_loss(config, compute_dtype, recompute),
+                     shared=pipeline_stages.plan_shared(config),
+                     boundary_bytes=boundary_bytes, num_params=config.num_params())
 
 
 # ----------------------------------------------------------------------------- scripts/pretrain.py
@@ -266,8 +242,8 @@ class ParallelSetup:
         # where this process's parameters and batches live (default: the mesh type's current device)
         self.device = torch.device(device) if device is not None else _current(layout.mesh.device)
         self.watchdog = None  # set by guard(); train steps and evaluations pet it
-        self.pipeline: _PipelineOptions | None = None  # set when the mesh has a pp axis
-        self._pipe = None  # (pipeline, context) once built by init_params
+        self.pipeline = None  # pipeline_stages.PipelineOptions, when the mesh has a pp axis
+        self._staged = None  # pipeline_stages.StagedModel, once built by init_params
 
     def _pet(self) -> None:
         if self.watchdog is not None:
@@ -283,7 +259,9 @@ class ParallelSetup:
                     timeout_s=getattr(args, "dist_timeout", 300.0), device=getattr(args, "device", None))
         micro = args.batch_size // (args.micro_batch_size or args.batch_size)
         if mesh.has("pp") or getattr(args, "virtual_stages", 1) > 1:
-            setup.pipeline = _PipelineOptions.from_args(args, mesh, micro)
+            from aquila_fn.pipeline_stages import PipelineOptions
+
+            setup.pipeline = PipelineOptions.from_args(args, mesh, micro)
         if args.batch_size % (layout.data_size * micro):
             raise ValueError(f"--batch-size {args.batch_size} does not split into {micro} micro-batches "
                              f"on each of {layout.data_size} data-parallel ranks")
@@ -303,31 +281,34 @@ class ParallelSetup:
         return self.pipeline.mesh.rank if self.pipeline else self.layout.mesh.rank
 
     def wrap_optimizer(self, optimizer, max_grad_norm: float | None):
-        group = self.pipeline.mesh.group("pp") if self.pipeline else None
+        from aquila_fn.pipeline_stages import copied_paths
+
+        # pipeline stages hold different leaves: the norm sums over pp, counting tied copies once
+        mesh = self.pipeline.mesh if self.pipeline else None
         return parallel.distributed_optimizer(optimizer, self.layout, max_grad_norm=max_grad_norm,
-                                              offload=self.offload, norm_group=group)
+                                              offload=self.offload, norm_group=mesh.group("pp") if mesh else None,
+                                              norm_skip=copied_paths(mesh) if mesh else ())
 
     def init_params(self, config: ModelConfig, seed: int):
         if self.pipeline is None:
             return init_params(config, seed, self.layout, device=self.device)
-        o, self._config = self.pipeline, config
-        params, pipe, _, context = make_pipeline(
-            config, seed, o.mesh, zero=self.layout.zero, sequence_parallel=self.layout.sequence_parallel,
-            virtual_stages=o.virtual_stages, schedule=o.schedule, micro_batches=o.micro_batches,
-            precision=o.precision, recompute=o.recompute, impl=o.impl)
-        self._pipe = (pipe, context)
-        return params
+        self._staged = self.pipeline.build(config, seed, self.layout)  # a collective
+        return self._staged.params
+
+    def _pipeline_part(self):
+        if self._staged is None:
+            raise RuntimeError("init_params builds the pipeline: call it before make_train_step")
+        return self._staged
 
     def make_train_step(self, config: ModelConfig, optimizer, **kwargs):
         if self.pipeline is not None:
-            if self._pipe is None:
-                raise RuntimeError("init_params builds the pipeline: call it before make_train_step")
-            pipe, context = self._pipe
-            pipeline_step = make_pipeline_train_step(config, optimizer, self.pipeline.mesh, pipe,
-                                                     self.layout, context)
+            from aquila_fn import pipeline_stages
+
+            staged = self._pipeline_part()
+            pipeline_step = pipeline_stages.make_train_step(staged, optimizer)
 
             def inner(state, batch):  # a resumed state brings its own tensors: adopt their values
-                return pipeline_step({**state, "params": adopt(pipe, state["params"])}, batch)
+                return pipeline_step({**state, "params": pipeline_stages.adopt(staged, state["params"])}, batch)
         else:
             inner = make_train_step(config, optimizer, self.layout, **kwargs)
 
@@ -343,7 +324,9 @@ class ParallelSetup:
 
     def make_eval_loss(self, config: ModelConfig, *, precision: str = "bf16", impl: str = "auto"):
         if self.pipeline is not None:
-            return lambda params, batches: None  # validation through the pipeline: not yet
+            from aquila_fn import pipeline_stages
+
+            return pipeline_stages.make_eval_loss(self._pipeline_part(), self._pet)
         if self.layout.trivial:
             return train.make_eval_loss(config, precision=precision, impl=impl)
         dtype = train.get_precision(precision).compute_dtype
@@ -374,23 +357,20 @@ class ParallelSetup:
 
     def full_params(self, params):
         """Unsharded parameters on every rank (a collective: call it on all ranks)."""
-        full = parallel.gather(params)
         if self.pipeline is None:
-            return full
-        parts = [None] * self.pipeline.mesh.size("pp")  # each stage holds different leaves
-        dist.all_gather_object(parts, full, group=self.pipeline.mesh.group("pp"))
-        merged = _merge(parts)
-        merged["layers"] = [merged["layers"][str(i)] for i in range(len(merged["layers"]))]
-        return merged
+            return parallel.gather(params)
+        from aquila_fn import pipeline_stages
+
+        return pipeline_stages.full_params(params, self.pipeline.mesh)
 
     def checkpoint_view(self, state, config: ModelConfig | None = None):
-        """The state as checkpoints store it. Under pipeline parallelism each rank holds only its
-        stages' leaves; the view has the whole tree's structure, with this rank's leaves as blocks
-        of the full tensors and the others as empty blocks, so every rank file describes the
-        same tree and loading merges them."""
+        """The state as checkpoints store it: the one-process tree (under pipeline parallelism
+        see pipeline_stages.checkpoint_view)."""
         if self.pipeline is None:
             return state
-        return _pipeline_checkpoint_view(state, self._config)
+        from aquila_fn import pipeline_stages
+
+        return pipeline_stages.checkpoint_view(state, self._pipeline_part().config, self.pipeline.mesh)
 
     def guard(self):
         """A failed collective or a stalled step ends this process with one clear line."""
@@ -421,252 +401,3 @@ def _current(kind: str) -> torch.device:
     if kind == "cpu":
         return torch.device("cpu")
     return torch.device(kind, getattr(torch, kind).current_device())
-
-
-# ----------------------------------------------------------------------------- pipeline parallelism
-
-
-def _stage_parts(config: ModelConfig, stage: int, n_stages: int) -> tuple[bool, bool, range]:
-    from parallel.pipeline import stage_bounds
-
-    lo, hi = stage_bounds(config.n_layers, n_stages)[stage]
-    return stage == 0, stage == n_stages - 1, range(lo, hi)
-
-
-def _stage_shapes(config: ModelConfig, stage: int, n_stages: int) -> dict:
-    """The parameter shapes stage `stage` holds, keyed by their one-process paths
-    (`layers` becomes a dict {"3": layer} so a leaf's path stays `layers.3.attn.wq`)."""
-    full = model.param_shapes(config)
-    first, last, layers = _stage_parts(config, stage, n_stages)
-    out: dict = {}
-    if first:
-        out["embed"] = full["embed"]
-    out["layers"] = {str(i): full["layers"][i] for i in layers}
-    if last:
-        out["norm"] = full["norm"]
-        out["lm_head"] = full["lm_head"]
-    return out
-
-
-def _merge(trees: list[dict]) -> dict:
-    out: dict = {}
-    for t in trees:
-        for k, v in t.items():
-            if k == "layers":
-                out.setdefault("layers", {}).update(v)
-            else:
-                out[k] = v
-    return out
-
-
-@dataclass
-class _PipeContext:
-    weight: float = 1.0  # 1 / global tokens
-
-
-def _stage_fn(config: ModelConfig, layout: Layout, stage: int, n_stages: int, *, compute_dtype,
-              impl: str, recompute: str) -> Callable:
-    """fn(params, x) of one pipeline stage: token ids (first stage) or the hidden state in, the
-    hidden state out (after the final norm on the last stage), as plain local tensors; inside, the
-    model's own layer code runs on DTensors over the stage's mesh."""
-    from parallel.layout import constrain
-
-    first, last, layers = _stage_parts(config, stage, n_stages)
-    impl = ops_impl(layout, impl)
-
-    def to_mesh(x, spec):
-        if layout.trivial:
-            return x
-        from torch.distributed.tensor import DTensor
-
-        return DTensor.from_local(x, layout.device_mesh, layout.placements(spec, x.dim(), "act"), run_check=False)
-
-    def fn(params, x):
-        with layout.activate():
-            p = compute_view(params, layout)
-            if first:
-                dtype = compute_dtype or p["embed"].dtype
-                h = model.embed(p, to_mesh(x, ("batch", None)), dtype)
-            else:
-                h = constrain(to_mesh(x, model.FULL_SEQ), model.RESIDUAL)
-                dtype = h.dtype
-            cos, sin = model.rotary_tables(config, torch.arange(h.shape[1], device=x.device), dtype)
-            h = model.run_layers([p["layers"][str(i)] for i in layers], h, cos, sin, config, impl=impl,
-                                 recompute=recompute)
-            h = model.final_norm(p, h, config, impl) if last else constrain(h, model.FULL_SEQ)
-            return h.to_local() if hasattr(h, "to_local") else h
-
-    return fn
-
-
-def _pipeline_loss(config: ModelConfig, layout: Layout, head: Callable, context: _PipeContext, impl: str):
-    """loss_fn(hidden, labels) of the last stage: this rank's share of the token-weighted mean."""
-    import ops
-
-    impl = ops_impl(layout, impl)
-
-    def loss_fn(hidden, labels):
-        with layout.activate():
-            if not layout.trivial:
-                from torch.distributed.tensor import DTensor
-
-                mesh = layout.device_mesh
-                hidden = DTensor.from_local(hidden, mesh, layout.placements(model.FULL_SEQ, 3, "act"), run_check=False)
-                labels = DTensor.from_local(labels, mesh, layout.placements(("batch", None), 2, "act"), run_check=False)
-            w = head()
-            w = compute_view({"w": w}, layout)["w"] if not layout.trivial else w
-            total, _ = ops.cross_entropy(hidden.reshape(-1, hidden.shape[-1]), w.to(hidden.dtype),
-                                         labels.reshape(-1), impl=impl)
-            return local_value(total) * context.weight
-
-    return loss_fn
-
-
-def make_pipeline(config: ModelConfig, seed: int, mesh: parallel.Mesh, *, zero: int = 0,
-                  sequence_parallel: bool = False, virtual_stages: int = 1, schedule: str = "1f1b",
-                  micro_batches: int = 1, precision: str = "fp32", recompute: str = "none",
-                  impl: str = "auto"):
-    """(params, pipeline, layout, context) for this rank: the parameters of its stages (sharded
-    over the stage's mesh, initialised as one process would), and the schedule over them."""
-    from parallel.pipeline import Pipeline, rank_stages
-
-    if config.tie_embeddings:
-        raise ValueError("pipeline parallelism needs untied embeddings (tie_embeddings=False): the "
-                         "first and last stages would share one matrix")
-    pp = mesh.size("pp")
-    layout = make_layout(mesh.without("pp"), zero=zero, sequence_parallel=sequence_parallel)
-    n_stages = pp * virtual_stages
-    mine = rank_stages(mesh.rank_in("pp"), pp, virtual_stages)
-    compute_dtype = train.get_precision(precision).compute_dtype
-    context = _PipeContext()
-    stages = []
-    for s in mine:
-        shapes = _stage_shapes(config, s, n_stages)
-        params = parallel.materialize(
-            shapes, lambda path, meta: model.init_leaf(path, meta.shape, config, seed, device=mesh.device), layout)
-        stages.append((s, params, _stage_fn(config, layout, s, n_stages, compute_dtype=compute_dtype,
-                                            impl=impl, recompute=recompute)))
-    holder: dict = {}
-    loss_fn = _pipeline_loss(config, layout, lambda: holder["pipe"].modules[-1].tree()["lm_head"],
-                             context, impl)
-    pipe = Pipeline(stages, n_stages, mesh.group("pp"), "interleaved" if virtual_stages > 1 else schedule,
-                    micro_batches, loss_fn, device=mesh.device)
-    holder["pipe"] = pipe
-    params = _merge(pipe.params())
-    return params, pipe, layout, context
-
-
-def make_pipeline_train_step(config: ModelConfig, optimizer, mesh: parallel.Mesh, pipe, layout: Layout,
-                             context: _PipeContext) -> Callable:
-    """`step(state, local_batch) -> (state, metrics)` through the pipeline schedule: one
-    forward/backward over the micro-batches (gradients in the parameters' .grad), data-parallel
-    reduction within the stage mesh, one optimizer step on this rank's leaves."""
-    from aquila_fn import optim
-
-    pp_group = mesh.group("pp")
-
-    def data_sum(value: float, group_pp: bool = False) -> float:
-        t = torch.tensor(value, dtype=torch.float64)
-        for axis in layout.data_axes:
-            dist.all_reduce(t, group=layout.mesh.group(axis))
-        if group_pp:
-            dist.all_reduce(t, group=pp_group)
-        return t.item()
-
-    def step(state, batch):
-        n_global = data_sum(float(train.count_tokens(batch)))
-        context.weight = 1.0 / max(n_global, 1.0)
-        pipe.zero_grad()
-        with layout.activate():
-            losses = pipe.step(batch["input_ids"], batch["labels"])
-            params = state["params"]
-            grads = parallel.tree.map_with_path(
-                lambda p, x: x.grad if x.grad is not None else torch.zeros_like(x), params)
-            grads = parallel.reduce_gradients(grads, layout)
-            grad_norm = float(parallel.global_grad_norm(grads, pp_group))
-            lr = optim.learning_rate(optimizer, state["opt_state"])
-            params, opt_state = optim.step(optimizer, params, grads, state["opt_state"])
-        local = sum(float(l.detach()) for l in losses) * n_global  # this rank's loss sum (last stage only)
-        loss_sum = data_sum(local, group_pp=True)
-        new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
-        metrics = {"loss": loss_sum / max(n_global, 1.0), "grad_norm": grad_norm, "lr": lr,
-                   "n_tokens": int(n_global), "skipped": 0, "loss_scale": 1.0}
-        return new_state, metrics
-
-    return step
-
-
-@dataclass
-class _PipelineOptions:
-    mesh: parallel.Mesh
-    virtual_stages: int
-    schedule: str
-    micro_batches: int
-    precision: str
-    recompute: str
-    impl: str
-
-    @classmethod
-    def from_args(cls, args, mesh: parallel.Mesh, micro_batches: int) -> "_PipelineOptions":
-        precision = train.default_precision(mesh.device) if args.precision == "auto" else args.precision
-        if precision == "fp16":
-            raise ValueError("pipeline parallelism runs bf16 or fp32 (fp16 loss scaling is not wired "
-                             "through the pipeline schedules)")
-        if not mesh.has("pp"):
-            raise ValueError("--virtual-stages needs a pp axis in --mesh (e.g. --mesh pp=2)")
-        schedule = "interleaved" if args.virtual_stages > 1 else args.pp_schedule
-        return cls(mesh, args.virtual_stages, schedule, micro_batches, precision, args.recompute,
-                   getattr(args, "impl", "auto"))
-
-
-def adopt(pipe, params: dict) -> dict:
-    """The pipeline modules' parameters, holding the values of `params` (a state restored from a
-    checkpoint brings new tensors; the schedule runs the modules' own)."""
-    own = _merge(pipe.params())
-    with torch.no_grad():
-        def copy(path, mine, given):
-            if mine is not given:
-                mine.copy_(given)
-            return mine
-
-        return parallel.tree.map_with_path(copy, own, params)
-
-
-def _pipeline_checkpoint_view(state: Any, config: ModelConfig) -> Any:
-    """See ParallelSetup.checkpoint_view."""
-    from aquila_fn.checkpoint import LocalShard
-
-    full = model.param_shapes(config)
-
-    def empty(meta) -> LocalShard:
-        shape = tuple(meta.shape)
-        return LocalShard(torch.empty((0,) + shape[1:], dtype=meta.dtype), shape, (0,) * len(shape))
-
-    def owned(x):
-        if isinstance(x, torch.Tensor) and not hasattr(x, "placements"):
-            return LocalShard(x.detach(), tuple(x.shape), (0,) * x.dim())  # written by its owner
-        return x
-
-    def mirror(tree: dict) -> dict:
-        """A params-shaped dict (params, Adam moments) completed to the whole model."""
-        out = {}
-        for key, meta in full.items():
-            if key == "layers":
-                mine = tree.get("layers", {})
-                out["layers"] = [parallel.tree.map_with_path(lambda p, x: owned(x), mine[str(i)]) if str(i) in mine
-                                 else parallel.tree.map_with_path(lambda p, m: empty(m), meta[i])
-                                 for i in range(len(meta))]
-            else:
-                out[key] = owned(tree[key]) if key in tree else empty(meta)
-        return out
-
-    def walk(node):
-        if isinstance(node, dict):
-            if "layers" in node and isinstance(node["layers"], dict):
-                return mirror(node)
-            return {k: walk(v) for k, v in node.items()}
-        if isinstance(node, (list, tuple)):
-            return type(node)(walk(v) for v in node)
-        return node
-
-    return walk(state)

@@ -173,7 +173,9 @@ def weighted_value_and_grad(loss: Callable) -> Callable:
 
 
 def accumulate_gradients(vg: Callable, params: Any, micro: Sequence[Batch], weight: torch.Tensor):
-    """Sum the weighted gradients (and the raw loss sums) over micro-batches."""
+    """Sum the weighted gradients (and the raw loss sums) over micro-batches, in place into the
+    first micro-batch's gradient tensors: a gradient hook that kept those tensors sees the
+    running sum (parallel.GradReducer reduces it during the last micro-batch's backward)."""
     grads, loss_sum = None, torch.zeros(())
     for batch in micro:
         (_, (total, _)), g = vg(params, batch, weight)
@@ -209,6 +211,17 @@ def update_loss_scale(loss_scale: dict, finite: bool, config: LossScaleConfig | 
             scale, good = scale * config.factor, 0
     return {"scale": torch.tensor(scale, dtype=torch.float32),
             "good_steps": torch.tensor(good, dtype=torch.int64)}
+
+
+def apply_gradients(state: State, grads: Any, optimizer: optim.GradientTransformation, finite: bool,
+                    scaler: LossScaleConfig | None) -> State:
+    """The next state: the optimizer step, or for an overflowed (or diverged) step nothing but
+    the loss-scale update. `finite` must be the same on every rank of a distributed run."""
+    params, opt_state = state["params"], state["opt_state"]
+    if finite:
+        params, opt_state = optim.step(optimizer, params, grads, opt_state)
+    return {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1,
+            "loss_scale": update_loss_scale(state["loss_scale"], finite, scaler)}
 
 
 def identity_grad_transform(grads, loss_sum, n_tokens):
@@ -258,11 +271,7 @@ def make_train_step(config: ModelConfig, optimizer: optim.GradientTransformation
         grad_norm = optim.global_norm(grads)
         finite = bool(torch.isfinite(grad_norm))
         lr = optim.learning_rate(optimizer, state["opt_state"])
-        params, opt_state = state["params"], state["opt_state"]
-        if finite:  # an overflowed (or diverged) step changes nothing but the loss scale
-            params, opt_state = optim.step(optimizer, params, grads, opt_state)
-        new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1,
-                     "loss_scale": update_loss_scale(state["loss_scale"], finite, scaler)}
+        new_state = apply_gradients(state, grads, optimizer, finite, scaler)
         metrics = {"loss": float(loss_sum) / max(int(n_tokens), 1), "grad_norm": float(grad_norm),
                    "lr": lr, "n_tokens": int(n_tokens), "skipped": int(not finite),
                    "loss_scale": float(scale)}

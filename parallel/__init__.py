@@ -6,10 +6,12 @@ It knows nothing of any particular model.
     mesh.py      make_mesh("dp=2,tp=2") from the torchrun environment
     rules.py     (regex on leaf path, spec over mesh axes) tables; first match wins
     layout.py    Layout, shard / gather / constrain / shard_batch / materialize / shard_like
-    grads.py     GradReducer: bucketed asynchronous reduction during backward
+    grads.py     GradReducer: bucketed asynchronous reduction during backward (accumulation,
+                 loss scaling, ZeRO-2/3 reduce-scatter)
     zero.py      compute_view (ZeRO-3 gather with prefetch), ReshardAfterForward (saved gathers
                  re-gathered in backward), distributed_optimizer (ZeRO 1-3, offload)
-    pipeline.py  functional stages on torch.distributed.pipelining (GPipe, 1F1B, interleaved)
+    pipeline.py  functional stages on torch.distributed.pipelining (GPipe, 1F1B, interleaved),
+                 a forward-only pass, SharedLeaves (tied weights on two stages)
     meter.py     collectives and live memory, observed (real or meta tensors)
     plan.py      python -m parallel.plan: per-rank memory and traffic without allocating
     faults.py    guard and Watchdog: a dead or stalled rank becomes an error, not a hang

@@ -8,9 +8,14 @@ schedules: GPipe, 1F1B, or interleaved 1F1B with several (virtual) stages per ra
     bounds = stage_bounds(n_layers, pp * virtual)          # which layers each stage holds
     pipe = Pipeline([(index, params_subtree, fn), ...], n_stages, group, "1f1b", micro_batches, loss_fn)
     losses = pipe.step(inputs, target)                      # gradients land in the params' .grad
+    results = pipe.forward([(inputs, target), ...], loss)  # forward only (validation), any shapes
 
 Stages hand plain (local) tensors to each other; inside a stage the model may run on DTensors
 over the rest of the mesh (data and tensor parallelism within the stage).
+
+`SharedLeaves` keeps leaves that two stages hold as copies of one weight (Megatron's tied input
+embedding and output layer) identical: their gradients are summed over the group of ranks
+holding a copy before the optimizer step, and only the first copy counts in the gradient norm.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from parallel.tree import leaves, structure, unflatten
+from parallel.tree import leaves, named_leaves, structure, unflatten
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
@@ -79,7 +85,8 @@ class Pipeline:
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown pipeline schedule {schedule!r}; expected one of {SCHEDULES}")
         self.modules = [StageModule(params, fn) for _, params, fn in stages]
-        device = torch.device(device)
+        self.indices, self.n_stages, self.group = [index for index, _, _ in stages], n_stages, group
+        device = self.device = torch.device(device)
         self.stages = [PipelineStage(m, index, n_stages, device, group=group)
                        for (index, _, _), m in zip(stages, self.modules)]
         cls = _schedule_class(schedule, len(stages))
@@ -109,5 +116,94 @@ class Pipeline:
         """One forward+backward over the micro-batches; returns the last stage's per-micro-batch
         losses ([] on other ranks). Gradients accumulate in the parameters' .grad."""
         losses: list = []
-        self.schedule.step(inputs, target=target, losses=losses, return_outputs=False)
+        # inputs go to the rank of the first stage, targets to the last one's (torch 2.11 refuses
+        # inputs on the others)
+        args = (inputs,) if 0 in self.indices else ()
+        self.schedule.step(*args, target=target if self.has_last else None, losses=losses, return_outputs=False)
         return losses if self.has_last else []
+
+    @torch.no_grad()
+    def forward(self, batches: list[tuple[torch.Tensor, Any]], loss: Callable[[torch.Tensor, Any], Any]) -> list:
+        """Forward only (validation), batch by batch through every stage; returns
+        `loss(last stage output, target)` per batch on the rank holding the last stage ([] on
+        the others). Each rank runs its stages in (batch, stage) order, receiving a stage's
+        input from the rank of the stage before and sending its output on without waiting, so
+        no rank waits on one that waits on it; a shape header precedes each activation, so the
+        batches may have any shape (not only the training micro-batch's)."""
+        results, sends = [], []
+        for inputs, target in batches:
+            for index, module in zip(self.indices, self.modules):
+                x = inputs if index == 0 else self._recv(index - 1)
+                y = module(x)
+                if index == self.n_stages - 1:
+                    results.append(loss(y, target))
+                else:
+                    sends += self._send(y, index + 1)
+            for work in sends:  # bounded: at most one batch's activations in flight
+                work.wait()
+            sends.clear()
+        return results
+
+    def _peer(self, stage: int) -> int:
+        """Global rank of the pp rank holding `stage` (looped placement: stage % pp)."""
+        return dist.get_global_rank(self.group, stage % self.group.size())
+
+    def _send(self, x: torch.Tensor, stage: int) -> list:
+        x = x.contiguous()
+        header = torch.zeros(_HEADER, dtype=torch.int64, device=x.device)
+        header[:x.dim() + 2] = torch.tensor([_DTYPES.index(x.dtype), x.dim(), *x.shape])
+        peer = self._peer(stage)
+        return [dist.isend(header, peer, group=self.group), dist.isend(x, peer, group=self.group)]
+
+    def _recv(self, stage: int) -> torch.Tensor:
+        peer = self._peer(stage)
+        header = torch.zeros(_HEADER, dtype=torch.int64, device=self.device)
+        dist.recv(header, peer, group=self.group)
+        code, ndim, *shape = header.tolist()
+        x = torch.empty(shape[:ndim], dtype=_DTYPES[code], device=self.device)
+        dist.recv(x, peer, group=self.group)
+        return x
+
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32)
+_HEADER = 10  # dtype, ndim, up to 8 dims
+
+
+class SharedLeaves:
+    """Leaves that the first and the last pipeline stage hold as copies of one weight (Megatron's
+    tied embedding: the first stage's input embedding is the last stage's output layer).
+
+    After backward each copy has only its own stage's gradient; `all_reduce` sums them over the
+    group of the ranks holding a copy (Megatron's embedding group), so the same optimizer step
+    keeps the copies identical. The first stage's copy is the owner: only it counts in the
+    gradient norm (`norm_skip`) and in checkpoints."""
+
+    def __init__(self, paths: tuple[str, ...], group, owner: bool):
+        self.paths, self.group, self.owner = tuple(paths), group, owner
+
+    @classmethod
+    def end_stages(cls, paths: tuple[str, ...], mesh) -> "SharedLeaves | None":
+        """For `mesh`'s first and last pp ranks; None on the ranks between (a collective: every
+        rank calls it, since building the groups is one)."""
+        pp, me = mesh.size("pp"), mesh.rank_in("pp")
+        if not paths or pp < 2:
+            return None
+        if pp == 2:
+            group = mesh.group("pp")
+        else:  # one group per coordinate of the other axes: (first, last) along pp
+            grid = mesh.device_mesh.mesh.reshape(pp, -1)
+            group, _ = dist.new_subgroups_by_enumeration(
+                [[int(grid[0, j]), int(grid[-1, j])] for j in range(grid.shape[1])])
+        return cls(paths, group, owner=me == 0) if me in (0, pp - 1) else None
+
+    @property
+    def norm_skip(self) -> tuple[str, ...]:
+        return () if self.owner else self.paths
+
+    @torch.no_grad()
+    def all_reduce(self, grads: Any) -> Any:
+        """Sum the shared leaves' gradients (in place) over the copies."""
+        for path, g in named_leaves(grads):
+            if path in self.paths and isinstance(g, torch.Tensor):
+                dist.all_reduce(g._local_tensor if hasattr(g, "_local_tensor") else g, group=self.group)
+        return grads

@@ -5,7 +5,8 @@
 
 The plan is not a formula: it runs rank 0's real code path (each pipeline stage's first rank
 under pp) on meta tensors inside a fake process group of the full world size, and observes it:
-parameter, gradient and optimizer-state blocks are the DTensors the run would hold; activation
+parameter, gradient and optimizer-state blocks are the DTensors the run would hold (plus the
+buckets that reduce gradients during backward, GradReducer.buffer_bytes); activation
 memory is what one micro-batch's forward leaves allocated for its backward (`meter.LiveMeter`:
 saved tensors, inputs kept for recomputation, gathered weights) times the micro-batches the
 pipeline schedule keeps in flight; communication is every collective the
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import torch.fx.experimental._config
 
 from parallel.grads import GradReducer
 from parallel.layout import Layout
@@ -51,6 +53,8 @@ class PlanModel:
     stage_params: Callable[..., Any] | None = None   # (params, stage, n_stages) -> subtree
     stage_loss: Callable[..., Callable] | None = None  # (layout, stage, n_stages) -> loss
     boundary_bytes: Callable[[int, int], int] | None = None  # (rows, seq) -> activation sent between stages
+    shared: Callable[[int, int], tuple] | None = None  # (stage, n_stages) -> paths whose gradients
+    #                                                    are summed with another stage's copy (tied embeddings)
     num_params: int = 0
 
 
@@ -97,14 +101,16 @@ def plan_stage(model: PlanModel, mesh: Mesh, *, zero: int, sequence_parallel: bo
     param_bytes = sum(tree_local_bytes(p) for p in parts)
 
     comm_micro, comm_once = CommMeter(), CommMeter()
-    saved_total, peak_total, grad_bytes, opt_bytes = 0, 0, 0, 0
+    saved_total, peak_total, grad_bytes, opt_bytes, bucket_bytes = 0, 0, 0, 0, 0
     for c, params in zip(chunks, parts):
         loss = (model.stage_loss(layout, c, n_stages * virtual) if n_stages > 1 else model.loss(layout))
         inputs = map_with_path(lambda p, x: x.detach().requires_grad_(True)
                                if isinstance(x, torch.Tensor) and x.is_floating_point() else x, params)
         diff = [x for x in leaves(inputs) if isinstance(x, torch.Tensor) and x.requires_grad]
         batch = model.batch(rows, seq_len)
-        with layout.activate():
+        # meta tensors hold no values: data-dependent sizes (the fused loss's counted rows) are
+        # taken at their largest
+        with layout.activate(), torch.fx.experimental._config.patch(meta_nonzero_assume_all_nonzero=True):
             with comm_micro, LiveMeter() as live:
                 value = loss(inputs, batch)
                 saved_total += live.live  # what the forward left alive for backward
@@ -115,6 +121,9 @@ def plan_stage(model: PlanModel, mesh: Mesh, *, zero: int, sequence_parallel: bo
             with comm_once:
                 grad_tree = GradReducer(layout, overlap=False).finish(grad_tree)
             grad_bytes += tree_local_bytes(grad_tree)
+            bucket_bytes += GradReducer(layout).buffer_bytes(inputs)
+            if n_stages > 1 and model.shared is not None:
+                _count_shared(comm_once, grad_tree, model.shared(c, n_stages * virtual))
             opt = distributed_optimizer(model.optimizer(), layout, max_grad_norm=1.0, offload=offload)
             state = opt.init(params)
             opt_bytes += tree_local_bytes(state)
@@ -134,14 +143,28 @@ def plan_stage(model: PlanModel, mesh: Mesh, *, zero: int, sequence_parallel: bo
     activation_bytes = saved_total * in_flight / max(len(chunks), 1) if n_stages > 1 else saved_total
     comm = _merge(comm_micro, micro_batches, comm_once)
     return {
-        "stage": stage, "params_bytes": param_bytes, "grads_bytes": grad_bytes,
+        "stage": stage, "params_bytes": param_bytes, "grads_bytes": grad_bytes, "grad_bucket_bytes": bucket_bytes,
         "optimizer_bytes": 0 if offload else opt_bytes, "host_optimizer_bytes": opt_bytes if offload else 0,
         "activation_bytes_per_micro_batch": saved_total, "micro_batches_in_flight": in_flight,
         "activation_bytes": activation_bytes,
         "micro_batch_peak_bytes": peak_total,
-        "total_bytes": param_bytes + grad_bytes + (0 if offload else opt_bytes) + activation_bytes,
+        "total_bytes": param_bytes + grad_bytes + bucket_bytes + (0 if offload else opt_bytes) + activation_bytes,
         "comm": comm, "comm_sent_bytes": sum(v["sent_bytes"] for v in comm.values()),
     }
+
+
+def _count_shared(meter: CommMeter, grads: Any, paths: tuple) -> None:
+    """The all-reduce of shared leaves' gradients between the two stages holding a copy
+    (pipeline.SharedLeaves: a group of 2, which the fake process group cannot form)."""
+    from parallel.meter import local_bytes
+    from parallel.tree import named_leaves
+
+    for path, g in named_leaves(grads):
+        if path in paths:
+            rec = meter.records[("all_reduce", 2)]
+            rec.calls += 1
+            rec.payload_bytes += local_bytes(g)
+            rec.sent_bytes += local_bytes(g)  # ring all-reduce over 2: 2 * (2 - 1) / 2 of the payload
 
 
 def _like(tree, diff, grads):
@@ -219,6 +242,7 @@ def report(result: dict, out=sys.stdout) -> None:
         print(f"\n{head}:", file=out)
         print(f"  parameters        {_gib(s['params_bytes'])}", file=out)
         print(f"  gradients         {_gib(s['grads_bytes'])}", file=out)
+        print(f"  gradient buckets  {_gib(s['grad_bucket_bytes'])}   (reduced during backward)", file=out)
         print(f"  optimizer state   {_gib(s['optimizer_bytes'])}"
               + (f"   (+{_gib(s['host_optimizer_bytes']).strip()} in host memory)" if s["host_optimizer_bytes"] else ""),
               file=out)

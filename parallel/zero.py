@@ -44,6 +44,23 @@ def _gather_leaf(layout: Layout, path: str, x, async_op: bool):
     return x.redistribute(x.device_mesh, target, async_op=async_op)
 
 
+class _GatherReduceLater(torch.autograd.Function):
+    """The ZeRO-3 all-gather of one leaf, whose backward hands the gathered weight's partial
+    gradient to a GradReducer bucket (an asynchronous reduce-scatter issued during backward)
+    instead of reduce-scattering it on the spot; the leaf's gradient then comes from the
+    reducer's finish (autograd gives it none, or the synchronous result where buckets cannot
+    take it)."""
+
+    @staticmethod
+    def forward(ctx, x, gather: Callable[[], Any], reducer, path: str):
+        ctx.reducer, ctx.path, ctx.placements = reducer, path, tuple(x.placements)
+        return gather()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.reducer.reduce_split(ctx.path, grad, ctx.placements), None, None, None
+
+
 def _plain_local(t, wait: bool = False):
     """The plain tensor holding a DTensor's (or tensor's) data on this rank; of a gather still in
     flight, its output buffer (waited for first with `wait`)."""
@@ -186,7 +203,8 @@ class Prefetched(Sequence):
 
 
 def compute_view(params: Any, layout: Layout, *, stream: str | None = None, ahead: int = 1,
-                 reshard: ReshardAfterForward | None = None, dtype: torch.dtype | None = None) -> Any:
+                 reshard: ReshardAfterForward | None = None, dtype: torch.dtype | None = None,
+                 reducer=None) -> Any:
     """Parameters placed for computation: ZeRO-3 / FSDP shards all-gathered (their gradients are
     reduce-scattered by backward). `stream` names a top-level list (e.g. "layers") whose items
     are gathered leaf by leaf as the model reads them, `ahead` items in advance (see Prefetched;
@@ -195,12 +213,18 @@ def compute_view(params: Any, layout: Layout, *, stream: str | None = None, ahea
     autograd keeps it as a re-gather, not as the gathered tensor. `dtype` (the compute dtype)
     hands the stream's matrices out already cast, so that the cast copy, which the matmul
     saves, is tracked too (the model's own cast is then a no-op; the values are the same).
+    With `reducer` (a GradReducer watching this backward) each gathered weight's gradient is
+    reduce-scattered asynchronously in its buckets (see _GatherReduceLater).
     The identity when nothing is split over a data axis."""
     if not needs_gather(layout):
         return params
 
     def gather(path, x, async_op=False):
-        out = _gather_leaf(layout, path, x, async_op)
+        if reducer is not None and is_dtensor(x) and x.requires_grad \
+                and tuple(x.placements) != _compute_placements(layout, path, x):
+            out = _GatherReduceLater.apply(x, lambda: _gather_leaf(layout, path, x, async_op), reducer, path)
+        else:
+            out = _gather_leaf(layout, path, x, async_op)
         if reshard is not None and out is not x:
             reshard.track(out, lambda: _gather_leaf(layout, path, x, False))
         return out
@@ -243,18 +267,20 @@ def _local(tree: Any, device: str | None) -> Any:
     return map_with_path(one, tree)
 
 
-def global_grad_norm(grads: Any, extra_group=None) -> torch.Tensor:
+def global_grad_norm(grads: Any, extra_group=None, skip: tuple[str, ...] = ()) -> torch.Tensor:
     """The L2 norm of all gradients together, over the whole mesh (a plain fp32 scalar).
 
     Local sums of squares are added per placement (a DTensor scalar is partial over the axes
     its tensor is split along), so there is one all-reduce per distinct placement, not per leaf.
+    `skip`: paths of leaves that are copies of another rank's (pipeline.SharedLeaves.norm_skip),
+    counted by that rank only.
     """
     from torch.distributed.tensor import DTensor
 
     plain = torch.zeros((), dtype=torch.float32)
     groups: dict[tuple, list] = {}
-    for _, g in named_leaves(grads):
-        if not isinstance(g, torch.Tensor):
+    for path, g in named_leaves(grads):
+        if not isinstance(g, torch.Tensor) or path in skip:
             continue
         sq = g.float().pow(2).sum()
         if is_dtensor(sq):
@@ -297,7 +323,7 @@ def _rewrap(state: Any, index: list[tuple[str, Any]]) -> Any:
 
 
 def distributed_optimizer(inner, layout: Layout, *, max_grad_norm: float | None = None,
-                          offload: bool = False, norm_group=None):
+                          offload: bool = False, norm_group=None, norm_skip: tuple[str, ...] = ()):
     """`inner` (an optax-shaped GradientTransformation) applied shard by shard.
 
     The optimizer works on each rank's local block of the layout's optimizer-state placement
@@ -307,7 +333,8 @@ def distributed_optimizer(inner, layout: Layout, *, max_grad_norm: float | None 
     `max_grad_norm` is given (the inner optimizer's own clipping then sees a norm already within
     bounds and does nothing). New parameter blocks are all-gathered back into the parameter
     placement. offload=True keeps the state on the host and runs the update there. `norm_group`:
-    a process group over which the squared norm is also summed (pipeline stages).
+    a process group over which the squared norm is also summed (pipeline stages); `norm_skip`:
+    paths of leaves another rank of that group holds the counted copy of (tied embeddings).
     """
     if layout.trivial and not offload and norm_group is None:
         return inner
@@ -321,7 +348,7 @@ def distributed_optimizer(inner, layout: Layout, *, max_grad_norm: float | None 
     def _clip(grads):
         if not max_grad_norm:
             return grads
-        norm = global_grad_norm(grads, norm_group)
+        norm = global_grad_norm(grads, norm_group, norm_skip)
         factor = max_grad_norm / torch.clamp(norm, min=max_grad_norm)
         return map_with_path(lambda p, g: g * factor.to(g.device) if isinstance(g, torch.Tensor) else g, grads)
 

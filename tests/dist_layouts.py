@@ -4,7 +4,9 @@ the same steps run in one process (each rank computes that reference itself).
 
     torchrun --standalone --nproc-per-node 2 tests/dist_layouts.py "dp=2" "tp=2;sp" "dp=2;zero=2"
 
-A layout is "<mesh>[;zero=N][;sp][;offload][;micro=M][;recompute=POLICY]".
+A layout is "<mesh>[;zero=N][;sp][;offload][;micro=M][;recompute=POLICY][;fp16]"; pipeline
+layouts (a pp axis) also take "[;v=VIRTUAL][;schedule=NAME][;untied]" and train the
+tied-embedding model unless untied.
 """
 
 from __future__ import annotations
@@ -20,13 +22,16 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import parallel
-from aquila_fn import optim, sharding, train
+from aquila_fn import optim, pipeline_stages, sharding, train
 from aquila_fn.config import get_config
 from aquila_fn.transforms import value_and_grad
 
 CONFIG = get_config("tiny").replace(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=64,
                                     vocab_size=64, max_seq_len=64, tie_embeddings=False)
+TIED = CONFIG.replace(tie_embeddings=True)  # as the tiny preset ships
 SEED, STEPS, BATCH, SEQ = 0, 3, 4, 16
+# fp16 runs start at a loss scale that overflows in steps 1 and 3 (skipped) and not in step 2
+LOSS_SCALE = train.LossScaleConfig(init_scale=2.0 ** 20)
 
 
 def batches(config=CONFIG, start=0, steps=None):
@@ -44,50 +49,126 @@ def make_optimizer():
     return optim.adamw(optim.warmup_cosine(1e-2, 1, 100), weight_decay=0.1, max_grad_norm=1.0)
 
 
-def run_pipeline(mesh, *, zero=0, sp=False, micro=1, virtual=1, schedule="1f1b", config=CONFIG):
-    params, pipe, layout, context = sharding.make_pipeline(
+def eval_batches(config):
+    """Validation batches shaped unlike the training micro-batches (2 and 6 rows)."""
+    g = torch.Generator().manual_seed(99)
+    out = []
+    for rows in (2, 6):
+        x = torch.randint(0, config.vocab_size, (rows, SEQ + 1), generator=g)
+        out.append({"input_ids": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous()})
+    return out
+
+
+def run_pipeline(mesh, *, zero=0, sp=False, micro=1, virtual=1, schedule="1f1b", config=TIED,
+                 precision="fp32"):
+    """(losses, skipped steps, state, validation loss, staged model) of a pipelined run."""
+    staged = pipeline_stages.make_pipeline(
         config, SEED, mesh, zero=zero, sequence_parallel=sp, virtual_stages=virtual, schedule=schedule,
-        micro_batches=micro)
-    opt = parallel.distributed_optimizer(make_optimizer(), layout, max_grad_norm=1.0, norm_group=mesh.group("pp"))
-    state = train.init_train_state(params, opt, precision="fp32")
-    step = sharding.make_pipeline_train_step(config, opt, mesh, pipe, layout, context)
-    losses = []
+        micro_batches=micro, precision=precision)
+    opt = parallel.distributed_optimizer(make_optimizer(), staged.layout, max_grad_norm=1.0,
+                                         norm_group=mesh.group("pp"), norm_skip=pipeline_stages.copied_paths(mesh))
+    state = train.init_train_state(staged.params, opt, precision=precision, loss_scale=LOSS_SCALE)
+    step = pipeline_stages.make_train_step(staged, opt, loss_scale=LOSS_SCALE)
+    losses, skipped = [], []
     for batch in batches(config):
-        state, metrics = step(state, sharding.local_batch(batch, layout))
+        state, metrics = step(state, sharding.local_batch(batch, staged.layout))
         losses.append(metrics["loss"])
-    return losses, state
+        skipped.append(metrics["skipped"])
+    valid = pipeline_stages.make_eval_loss(staged)(state["params"], eval_batches(config))
+    return losses, skipped, state, valid, staged
 
 
-def run(layout, *, micro=1, offload=False, recompute="none", config=CONFIG):
+def tied_copies_equal(staged) -> bool | None:
+    """Whether the first and last stage's copies of the tied embedding are bit-identical (None
+    when this rank holds no copy)."""
+    if staged.shared is None:
+        return None
+    mine = parallel.tree.named_leaves(staged.params)
+    local = next(x for p, x in mine if p == "embed")
+    local = local.to_local() if hasattr(local, "to_local") else local
+    both = [torch.empty_like(local) for _ in range(2)]
+    torch.distributed.all_gather(both, local.contiguous(), group=staged.shared.group)
+    return torch.equal(both[0], both[1])
+
+
+def run_pipeline_layout(text, mesh, zero, sp, micro, opts, reference):
+    """The RESULT record of one pipeline layout, compared with one process."""
+    t0 = time.time()
+    config = CONFIG if "untied" in opts else TIED
+    precision = "fp16" if "fp16" in opts else "fp32"
+    losses, skipped, state, valid, staged = run_pipeline(
+        mesh, zero=zero, sp=sp, micro=micro, virtual=int(opts.get("v", 1)),
+        schedule=opts.get("schedule", "1f1b"), config=config, precision=precision)
+    # fp16 rounding depends on the matmul shapes: compare with one process taking the same
+    # micro-batches (fp32 is compared with one process taking the whole batch at once)
+    ref = reference(config, precision, micro * staged.layout.data_size if precision == "fp16" else 1)
+    full = pipeline_stages.full_params(state["params"], mesh)
+    diff = max((a - b).abs().max().item() for a, b in
+               zip(parallel.tree.leaves(ref["params"]), parallel.tree.leaves(full)))
+    equal, skips = [None] * mesh.world_size, [None] * mesh.world_size
+    torch.distributed.all_gather_object(equal, tied_copies_equal(staged))
+    torch.distributed.all_gather_object(skips, skipped)
+    if mesh.rank == 0:
+        print("RESULT " + json.dumps({
+            "layout": text, "losses": losses, "ref": ref["losses"], "skipped": skips,
+            "skipped_ref": ref["skipped"], "param_diff": diff, "grad_rel_diff": None,
+            "valid": valid, "valid_ref": ref["valid"], "tied_copies_equal": equal,
+            "placements": describe_pp(state), "seconds": time.time() - t0}), flush=True)
+
+
+def one_process_reference(config, precision, micro):
+    trivial = parallel.Layout(parallel.mesh.trivial_mesh(), sharding.RULES)
+    losses, params, _, skipped = run(trivial, config=config, precision=precision, micro=micro)
+    valid = train.make_eval_loss(config, precision=precision)(params, eval_batches(config))
+    return {"losses": losses, "params": params, "skipped": skipped, "valid": valid}
+
+
+def run(layout, *, micro=1, offload=False, recompute="none", config=CONFIG, precision="fp32", overlap=True):
     params = sharding.init_params(config, SEED, layout)
     opt = make_optimizer()
     if not layout.trivial or offload:
         opt = parallel.distributed_optimizer(opt, layout, max_grad_norm=1.0, offload=offload)
-    state = train.init_train_state(params, opt, precision="fp32")
-    step = sharding.make_train_step(config, opt, layout, micro_batches=micro, precision="fp32", recompute=recompute)
-    losses = []
+    state = train.init_train_state(params, opt, precision=precision, loss_scale=LOSS_SCALE)
+    step = sharding.make_train_step(config, opt, layout, micro_batches=micro, precision=precision, recompute=recompute,
+                                    loss_scale=LOSS_SCALE, overlap=overlap)
+    losses, skipped = [], []
     for batch in batches(config):
         state, metrics = step(state, sharding.local_batch(batch, layout))
         losses.append(metrics["loss"])
-    return losses, parallel.gather(state["params"]), state
+        skipped.append(metrics["skipped"])
+    return losses, parallel.gather(state["params"]), state, skipped
 
 
-def first_grads(layout, recompute="none", config=CONFIG):
-    """Reduced gradients of the first batch's mean loss (full tensors), for a direct check."""
+def first_grads(layout, recompute="none", config=CONFIG, micro=1):
+    """Reduced gradients of the first batch's mean loss (full tensors) over `micro` micro-batches,
+    for a direct check; and for each micro-batch's backward, how many buckets it sent in all
+    and how many of those while gradients were still arriving (overlapping backward)."""
     params = sharding.init_params(config, SEED, layout)
     batch = next(batches(config))
     n = float(train.count_tokens(batch))
     reducer = parallel.GradReducer(layout, bucket_bytes=4096)  # small buckets: several per backward
-    launched = []
-    launch = reducer._launch
-    reducer._launch = lambda bucket: (launched.append(bucket), launch(bucket))
+    events = []
+    add, launch = reducer._add, reducer._launch
+    reducer._add = lambda *a: (events.append("grad"), add(*a))[1]
+    reducer._launch = lambda bucket: (events.append("launch"), launch(bucket))[1]
     loss_sum = sharding.make_loss_sum_fn(layout, reducer=reducer)
-    vg = value_and_grad(lambda p, b: loss_sum(p, b, config, recompute=recompute)[0] / n)
+    vg = train.weighted_value_and_grad(lambda p, b: loss_sum(p, b, config, recompute=recompute))
+    launched, overlapped = [], []
+
+    def observed(p, b, w):
+        events.clear()
+        out = vg(p, b, w)  # forward and backward: every launch in `events` was issued before it returned
+        last_grad = max((i for i, e in enumerate(events) if e == "grad"), default=-1)
+        launched.append(events.count("launch"))
+        overlapped.append(events[:last_grad].count("launch"))
+        return out
+
+    reducer.begin_step(micro)
+    micro_batches = train.split_batch(sharding.local_batch(batch, layout), micro)
     with layout.activate():
-        _, grads = vg(params, sharding.local_batch(batch, layout))
-        during_backward = len(launched)  # buckets whose reduction started before backward ended
+        grads, _ = train.accumulate_gradients(observed, params, micro_batches, torch.tensor(1.0 / n))
         grads = reducer.finish(grads)
-    return parallel.gather(grads), during_backward
+    return parallel.gather(grads), {"launched": launched, "before_last_grad": overlapped}
 
 
 def bf16_grads_same_without_resharding(layout, recompute, config=CONFIG) -> bool:
@@ -186,27 +267,39 @@ def parse(text):
 
 def main(argv):
     trivial = parallel.Layout(parallel.mesh.trivial_mesh(), sharding.RULES)
-    ref_losses, ref_params, _ = run(trivial)
+    references = {}
+
+    def reference(config, precision, micro=1):
+        key = (config.tie_embeddings, precision, micro)
+        if key not in references:
+            references[key] = one_process_reference(config, precision, micro)
+        return references[key]
+
     ref_grads, _ = first_grads(trivial)
     for text in argv:
         spec, zero, sp, offload, micro, opts = parse(text)
         mesh = parallel.make_mesh(spec)
         if mesh.has("pp"):
-            t0 = time.time()
-            losses, state = run_pipeline(mesh, zero=zero, sp=sp, micro=micro, virtual=int(opts.get("v", 1)),
-                                         schedule=opts.get("schedule", "1f1b"))
-            if mesh.rank == 0:
-                print("RESULT " + json.dumps({"layout": text, "losses": losses, "ref": ref_losses,
-                                              "grad_rel_diff": None, "placements": describe_pp(state),
-                                              "seconds": time.time() - t0}), flush=True)
+            run_pipeline_layout(text, mesh, zero, sp, micro, opts, reference)
             continue
         layout = sharding.make_layout(mesh, zero=zero, sequence_parallel=sp)
         t0 = time.time()
         recompute = opts.get("recompute", "none")
-        losses, params, state = run(layout, micro=micro, offload=offload, recompute=recompute)
+        precision = "fp16" if "fp16" in opts else "fp32"
+        losses, params, state, skipped = run(layout, micro=micro, offload=offload, recompute=recompute,
+                                             precision=precision)
+        # fp16: one process taking the same rows per micro-batch (see run_pipeline_layout)
+        ref = reference(CONFIG, precision, micro * layout.data_size if precision == "fp16" else 1)
         diff = max((a - b).abs().max().item() for a, b in
-                   zip(parallel.tree.leaves(ref_params), parallel.tree.leaves(params)))
-        grads, buckets = first_grads(layout, recompute)
+                   zip(parallel.tree.leaves(ref["params"]), parallel.tree.leaves(params)))
+        skips = [None] * mesh.world_size
+        torch.distributed.all_gather_object(skips, skipped)
+        grads, buckets = first_grads(layout, recompute, micro=micro)
+        same_bits = None
+        if micro > 1:  # reduced during backward or after it: the same sums, so the same bits
+            _, after, _, _ = run(layout, micro=micro, offload=offload, recompute=recompute, precision=precision,
+                                 overlap=False)
+            same_bits = all(torch.equal(a, b) for a, b in zip(parallel.tree.leaves(params), parallel.tree.leaves(after)))
         gathered, async_gathers = gathered_layer_bytes_after_forward(layout, recompute)
         gathered_bf16, _ = gathered_layer_bytes_after_forward(layout, recompute, compute_dtype=torch.bfloat16)
         reshard = parallel.zero.needs_gather(layout)
@@ -214,9 +307,11 @@ def main(argv):
         grad_diff = max(((a - b).abs().max() / a.abs().max().clamp(min=1e-12)).item() for a, b in
                         zip(parallel.tree.leaves(ref_grads), parallel.tree.leaves(grads)))
         if mesh.rank == 0:
-            print("RESULT " + json.dumps({"layout": text, "losses": losses, "ref": ref_losses,
+            print("RESULT " + json.dumps({"layout": text, "losses": losses, "ref": ref["losses"],
+                                          "skipped": skips, "skipped_ref": ref["skipped"],
                                           "param_diff": diff, "grad_rel_diff": grad_diff,
                                           "buckets_during_backward": buckets,
+                                          "same_bits_as_post_backward_reduction": same_bits,
                                           "gathered_layer_bytes_after_forward": gathered,
                                           "gathered_layer_bytes_after_bf16_forward": gathered_bf16,
                                           "bf16_grads_same_without_resharding": bf16_same,

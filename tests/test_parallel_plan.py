@@ -78,3 +78,23 @@ def test_plan_cli_for_a_model_that_does_not_fit_here():
     text = run_python("-m", "parallel.plan", "--config", "aquila2-7b", "--mesh", "dp=2,tp=4",
                       "--batch-size", "8", "--seq-len", "2048", "--zero", "3").stdout
     assert "per rank" in text and "activations" in text and "communication" in text
+
+
+def test_plan_of_tied_embeddings_under_pp_and_of_gradient_buckets():
+    from parallel.plan import load_model, plan
+
+    config = get_config("tiny", n_layers=2)
+    model = load_model("aquila_fn.sharding", "tiny", {"n_layers": 2}, "fp32", "none")
+    embed, norm = config.vocab_size * config.dim * 4, config.dim * 4
+    layer = (config.num_params() - config.vocab_size * config.dim - config.dim) // 2 * 4
+    first, last = plan(model, "pp=2", batch_size=4, micro_batch_size=1, seq_len=32)["stages"]
+    # the last stage's output layer is a copy of the first stage's embedding
+    assert first["params_bytes"] == embed + layer and last["params_bytes"] == embed + layer + norm
+    for stage in (first, last):  # whose gradients the two end stages sum: one all-reduce of it
+        assert stage["comm"]["all_reduce@2"] == {"calls": 1, "payload_bytes": embed, "sent_bytes": embed}
+        assert stage["grad_bucket_bytes"] == 0  # no data axis: nothing to reduce
+    # data parallel: the all-reduced gradients live in their buckets (a second copy); ZeRO-3's
+    # reduce-scatters pass whole (gathered) gradients through them, here all within two buckets
+    dp, zero3 = (plan(model, "dp=2", zero=z, batch_size=4, seq_len=32)["stages"][0] for z in (0, 3))
+    assert dp["grad_bucket_bytes"] == dp["grads_bytes"] == dp["params_bytes"]
+    assert zero3["grad_bucket_bytes"] == 2 * zero3["params_bytes"] == dp["params_bytes"]
