@@ -24,6 +24,8 @@ import hashlib
 import inspect
 import json
 import os
+import platform
+import signal
 import subprocess
 import sys
 import time
@@ -49,6 +51,7 @@ EAGER_SLOWDOWN = {"cpu": 3.0, "cuda": 1.0, "npu": 1.0}  # eager CPU matvecs (MKL
 LAUNCH_S = {"cpu": 10e-6, "cuda": 15e-6, "npu": 30e-6}  # per eager op, ~25 ops per layer
 OPS_PER_LAYER = 25
 DEFAULT_BUILD_S = {"cpu": (20.0, 6.0), "cuda": (30.0, 2.0), "npu": (60.0, 3.0)}  # s + s/layer
+LOCK_MAX_AGE_S = 3 * 3600
 MIN_BACKGROUND_SAVING_S = 1.0  # a background build only for runs that it would speed up this much
 
 
@@ -116,22 +119,28 @@ class StepSpec:
 
 
 def _device_fingerprint(device: torch.device) -> str:
-    """What the generated code depends on besides torch: the CPU's vector ISA and model (inductor
-    compiles for the host), or the GPU's model, capability and CUDA version."""
+    """What the generated code depends on besides torch: the CPU (inductor compiles for the
+    host's instruction set: model name and feature flags), or the GPU's model, capability and
+    CUDA version."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         cap = torch.cuda.get_device_capability(index)
         return f"cuda:{torch.cuda.get_device_name(index)}:sm{cap[0]}{cap[1]}:{torch.version.cuda}"
     if device.type == "cpu":
-        from torch._inductor.cpu_vec_isa import pick_vec_isa
-        model = ""
-        try:
-            with open("/proc/cpuinfo") as f:
-                model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-        except OSError:
-            pass
-        return f"cpu:{pick_vec_isa()}:{model}"
+        return f"cpu:{platform.machine()}:{_cpuinfo_digest()}"
     return device.type
+
+
+def _cpuinfo_digest() -> str:
+    """The first processor's model name and flags (reading them costs microseconds; asking
+    inductor which vector ISA it would pick imports it and compiles probes: seconds)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f.read().split("\n\n")[0].splitlines()
+                     if line.startswith(("model name", "flags", "Features", "CPU part"))]
+    except OSError:
+        lines = [platform.processor()]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
 def _source_digest() -> str:
@@ -229,13 +238,13 @@ def _write_atomic(path: Path, text: str) -> None:
 class AotStep:
     """A loaded package as the decode step: (params, tokens, cache, start_pos, positions,
     key_mask) -> logits [B, V], the cache written in place. The parameter leaves are flattened
-    once; each call hands the runner a flat list (the package's own __call__ re-parses its
-    input spec every time)."""
+    once; each call hands the runner a flat list (the package's Python wrapper re-parses its
+    input spec at every call)."""
 
-    def __init__(self, model, params, path: Path):
+    def __init__(self, loader, params, path: Path):
         self.path = path
-        self._run = model.loader.boxed_run
-        self._in_spec = torch_pytree.treespec_loads(model.loader.get_call_spec()[0])
+        self._run = loader.boxed_run
+        self._in_spec = torch_pytree.treespec_loads(loader.get_call_spec()[0])
         self._params = params
         self._param_leaves = torch_pytree.tree_leaves(params)
         self._checked = False
@@ -256,11 +265,12 @@ class AotStep:
 
 
 def load_step(path: Path, params, device: torch.device, *, single_threaded: bool = False) -> AotStep:
-    """`params` must be `canonical`. single_threaded: no runner locks (needed under CUDA graph capture)."""
+    """`params` must be `canonical`. single_threaded: no runner locks (needed under CUDA graph
+    capture). The C++ loader directly: torch._inductor.aoti_load_package would first import
+    inductor and dynamo, seconds of a start that otherwise takes milliseconds."""
     index = device.index if device.type == "cuda" and device.index is not None else -1
-    model = torch._inductor.aoti_load_package(str(path), run_single_threaded=single_threaded,
-                                              device_index=index)
-    return AotStep(model, params, path)
+    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", single_threaded, 1, index)
+    return AotStep(loader, params, path)
 
 
 # ----------------------------------------------------------------------------- locks
@@ -277,17 +287,22 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a zombie (exited, not yet reaped) holds nothing
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def build_in_progress(package: Path) -> int | None:
-    """The pid building this package, if a live one holds its lock (a stale lock is removed)."""
+    """The pid building this package, if a live one holds its lock. A lock whose process is gone,
+    or older than LOCK_MAX_AGE_S (its pid may have been reused), is stale and removed."""
     lock = _lock_path(package)
     try:
         pid = int(lock.read_text().strip() or 0)
+        age = time.time() - lock.stat().st_mtime
     except (OSError, ValueError):
         return None
-    if pid and _alive(pid):
+    if pid and _alive(pid) and age < LOCK_MAX_AGE_S:
         return pid
     lock.unlink(missing_ok=True)
     return None
@@ -369,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     job = json.loads(Path(argv[0]).read_text())
     spec, directory, package = StepSpec.from_json(job["spec"]), Path(job["directory"]), Path(job["package"])
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # killed: still release the lock
     try:
         os.nice(10)  # yield the CPU to whoever is decoding meanwhile
     except OSError:
@@ -494,8 +510,10 @@ class CompiledSteps:
         return self.steps[batch]
 
     def _say(self, batch: int, line: str) -> None:
-        if self._said.get(batch) != line:
-            self._said[batch] = line
+        """Log a decision when it is new for this batch size (not again while it stands)."""
+        state = line.split(" (", 1)[0]
+        if self._said.get(batch) != state:
+            self._said[batch] = state
             self.log(line)
 
 
