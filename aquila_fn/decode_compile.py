@@ -8,9 +8,10 @@ seconds on a CPU even when inductor's caches hit.
 
 A package's file name is a digest of everything that shapes its code: the model config, the
 parameters' paths, shapes and dtypes (int8, merged projections, a tied head), the compute
-dtype, the batch size, the device (CPU vector ISA and thread count, which inductor bakes into
-its loops; GPU model and CUDA version), torch's version and the source of the traced modules.
-Weights are inputs, not constants: every checkpoint of one shape shares a package.
+dtype, the batch size, the device (the CPU's model and instruction set; the GPU's model and CUDA
+version), torch's version and the source of the traced modules. Weights are inputs, not
+constants: every checkpoint of one shape shares a package; CPU loops take their thread count at
+run time, so one package serves any --threads.
 
 Packages live in ~/.cache/aquila_fn/compiled ($AQUILA_FN_COMPILE_CACHE or `directory=`
 overrides it), written atomically; a build in progress holds a lock file naming its pid.
@@ -83,27 +84,25 @@ class StepSpec:
     batch: int
     device: str
     impl: str
-    threads: int
 
     @classmethod
     def of(cls, params, config: ModelConfig, *, compute_dtype: torch.dtype, batch: int,
            device: torch.device, impl: str) -> "StepSpec":
         leaves = tuple((path, tuple(x.shape), str(x.dtype).removeprefix("torch."))
                        for path, x in pytree.named_leaves(params))
-        threads = torch.get_num_threads() if torch.device(device).type == "cpu" else 0
         return cls(config, leaves, str(compute_dtype).removeprefix("torch."), batch,
-                   str(torch.device(device)), impl, threads)
+                   str(torch.device(device)), impl)
 
     def to_json(self) -> dict:
         return {"config": self.config.to_dict(), "leaves": [list(x) for x in self.leaves],
                 "compute_dtype": self.compute_dtype, "batch": self.batch, "device": self.device,
-                "impl": self.impl, "threads": self.threads}
+                "impl": self.impl}
 
     @classmethod
     def from_json(cls, d: dict) -> "StepSpec":
         leaves = tuple((p, tuple(shape), dtype) for p, shape, dtype in d["leaves"])
         return cls(ModelConfig.from_dict(d["config"]), leaves, d["compute_dtype"], d["batch"],
-                   d["device"], d["impl"], d["threads"])
+                   d["device"], d["impl"])
 
     @property
     def device_type(self) -> str:
@@ -215,7 +214,10 @@ def build_package(params, spec: StepSpec, directory: Path) -> float:
     ep = export_step(params, spec)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.pt2")
     try:
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp))
+        # CPU loops read the thread count at run time: measured as fast as loops compiled for
+        # one thread, and one package serves any --threads.
+        options = {"cpp.dynamic_threads": True} if spec.device_type == "cpu" else {}
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp), inductor_configs=options)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -389,8 +391,6 @@ def main(argv: list[str] | None = None) -> int:
         os.nice(10)  # yield the CPU to whoever is decoding meanwhile
     except OSError:
         pass
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
     try:
         if spec.package_path(directory) != package:
             print(f"error: {package} does not match this process's build of its spec", file=sys.stderr)

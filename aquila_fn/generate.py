@@ -389,6 +389,10 @@ class Decoder:
                                       single_threaded=self.device.type == "cuda")
         self._graphs = None  # CUDA graph replay of the AOT step
         self._active = self._eager_step  # the decode step of the current generation (see layout)
+        if self.mode == "off":
+            self.log("compile: off (--compile off)")
+        elif self._aot is None and self._jit_decode is None:
+            self.log(f"compile: off (no compiled decode step for {self.device.type})")
 
     def _counting(self, backend):
         def counted(gm, example_inputs):
