@@ -21,6 +21,7 @@ starts when a run is too short to repay compiling in the foreground.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -130,6 +131,7 @@ def _device_fingerprint(device: torch.device) -> str:
     return device.type
 
 
+@functools.lru_cache(maxsize=None)
 def _cpuinfo_digest() -> str:
     """The first processor's model name and flags (reading them costs microseconds; asking
     inductor which vector ISA it would pick imports it and compiles probes: seconds)."""
@@ -142,6 +144,7 @@ def _cpuinfo_digest() -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=None)
 def _source_digest() -> str:
     """The traced code: the model, its ops, the decode step and this module."""
     import ops
@@ -211,21 +214,34 @@ def build_package(params, spec: StepSpec, directory: Path) -> float:
     t0 = time.perf_counter()
     path = spec.package_path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    ep = export_step(params, spec)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.pt2")
     try:
+        ep = export_step(params, spec)
         # CPU loops read the thread count at run time: measured as fast as loops compiled for
         # one thread, and one package serves any --threads.
         options = {"cpp.dynamic_threads": True} if spec.device_type == "cpu" else {}
         torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp), inductor_configs=options)
         os.replace(tmp, path)
+    except Exception as e:
+        _write_atomic(_failed_path(path), _first_line(e))  # auto stops retrying it at every run
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+    _failed_path(path).unlink(missing_ok=True)
     seconds = time.perf_counter() - t0
     info = {"build_s": round(seconds, 1), "n_layers": spec.config.n_layers, "device": spec.device_type,
             "batch": spec.batch, "torch": torch.__version__, "dim": spec.config.dim}
     _write_atomic(path.with_suffix(".json"), json.dumps(info))
     return seconds
+
+
+def _failed_path(package: Path) -> Path:
+    return package.with_suffix(".failed")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -452,6 +468,9 @@ def decide(mode: str, spec: StepSpec, params, steps: int, directory: Path) -> De
         return Decision(True, "--compile on", how)
     if package.exists():
         return Decision(True, f"compiled step cached in {directory}", "load")
+    if _failed_path(package).exists():
+        return Decision(False, f"its last build failed ({_failed_path(package).read_text()}; log "
+                               f"{package.with_suffix('.log')}); --compile on tries again")
     build_s = estimated_build_s(spec, directory)
     saving = estimated_saving_s(params, spec.config, torch.device(spec.device), steps)
     if saving > build_s:
@@ -487,7 +506,8 @@ class CompiledSteps:
                            device=self.device, impl=self.impl)
 
     def get(self, batch: int, steps: int) -> AotStep | None:
-        """The compiled step for this batch size, or None to decode eagerly this time."""
+        """The compiled step for this batch size, or None to decode eagerly this time. Under
+        "auto" a failed build or load falls back to eager decoding; under "on" it raises."""
         if batch in self.steps:
             return self.steps[batch]
         spec = self.spec(batch)
@@ -500,14 +520,30 @@ class CompiledSteps:
         if not decision.compile:
             return None
         t0 = time.perf_counter()
+        try:
+            self.steps[batch] = self._build_and_load(spec, decision)
+        except Exception as e:  # noqa: BLE001 - any failure to compile means: decode eagerly
+            if self.mode == "on":
+                raise
+            self._said[batch] = "compile: off"
+            self.log(f"compile: off (the compiled step failed: {_first_line(e)})")
+            return None
+        self.warmup_s += time.perf_counter() - t0
+        return self.steps[batch]
+
+    def _build_and_load(self, spec: StepSpec, decision: Decision) -> AotStep:
         package = spec.package_path(self.directory)
+        t0 = time.perf_counter()
         if decision.build == "foreground" and build_locked(self.params, spec, self.directory) is not None:
             self.log(f"compile: compiled the decode step in {time.perf_counter() - t0:.1f} s -> {package}")
         t1 = time.perf_counter()
-        self.steps[batch] = load_step(package, self.params, self.device, single_threaded=self.single_threaded)
+        try:
+            step = load_step(package, self.params, self.device, single_threaded=self.single_threaded)
+        except Exception:
+            package.unlink(missing_ok=True)  # unreadable: the next run builds it again
+            raise
         self.log(f"compile: loaded {package.name} in {time.perf_counter() - t1:.2f} s")
-        self.warmup_s += time.perf_counter() - t0
-        return self.steps[batch]
+        return step
 
     def _say(self, batch: int, line: str) -> None:
         """Log a decision when it is new for this batch size (not again while it stands)."""

@@ -151,6 +151,23 @@ def test_foreground_build_waits_for_a_build_in_progress(tmp_path, params, monkey
     assert dc.build_locked(params, spec, tmp_path) is None and package.exists()
 
 
+def test_auto_falls_back_to_eager_when_the_build_fails(tmp_path, params, monkeypatch):
+    def no_compiler(*args):
+        raise RuntimeError("no C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(dc, "export_step", no_compiler)
+    monkeypatch.setattr(dc, "estimated_saving_s", lambda *args: 1e9)  # auto builds at once
+    lines = []
+    d = Decoder(params, CONFIG, cache_dir=tmp_path, log=lines.append)
+    eager = Decoder(params, CONFIG, compile="off")
+    assert d.generate([[1, 5, 9]], max_new_tokens=4)[0].tokens == eager.generate([[1, 5, 9]], max_new_tokens=4)[0].tokens
+    assert lines[-1] == "compile: off (the compiled step failed: RuntimeError: no C++ compiler found)"
+    retry = dc.decide("auto", spec_of(params), params, 10**6, tmp_path)  # not again at every run
+    assert not retry.compile and "last build failed" in retry.reason
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        Decoder(params, CONFIG, compile="on", cache_dir=tmp_path).generate([[1, 5, 9]], max_new_tokens=4)
+
+
 # ----------------------------------------------------------------------------- graph replay
 
 
