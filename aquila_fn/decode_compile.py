@@ -433,12 +433,10 @@ def estimated_build_s(spec: StepSpec, directory: Path) -> float:
                 records.append((meta.stat().st_mtime, info))
         except (OSError, ValueError):
             continue
-    base, per_layer = DEFAULT_BUILD_S.get(kind, DEFAULT_BUILD_S["cpu"])
     if records:
         info = max(records, key=lambda r: r[0])[1]
-        scale = (base + per_layer * layers) / (base + per_layer * info["n_layers"])
-        return info["build_s"] * scale
-    return base + per_layer * layers
+        return info["build_s"] * default_build_s(kind, layers) / default_build_s(kind, info["n_layers"])
+    return default_build_s(kind, layers)
 
 
 def estimated_saving_s(params, config: ModelConfig, device: torch.device, steps: int) -> float:
@@ -449,6 +447,18 @@ def estimated_saving_s(params, config: ModelConfig, device: torch.device, steps:
     compiled = weight_bytes(params) / BANDWIDTH.get(kind, BANDWIDTH["cpu"])
     eager = EAGER_SLOWDOWN.get(kind, 1.0) * compiled + config.n_layers * OPS_PER_LAYER * LAUNCH_S.get(kind, 1e-5)
     return steps * max(eager - compiled, 0.0)
+
+
+def repays(saving: float, build_s: float, steps: int) -> tuple[bool, str]:
+    """Whether compiling (build_s seconds) repays itself within this run, and the reason in words."""
+    if saving > build_s:
+        return True, f"{steps} decode steps save ~{saving:.0f} s, more than compiling takes (~{build_s:.0f} s)"
+    return False, f"{steps} decode steps would save ~{saving:.1f} s, compiling takes ~{build_s:.0f} s"
+
+
+def default_build_s(device_type: str, n_layers: int) -> float:
+    base, per_layer = DEFAULT_BUILD_S.get(device_type, DEFAULT_BUILD_S["cpu"])
+    return base + per_layer * n_layers
 
 
 @dataclass
@@ -471,12 +481,10 @@ def decide(mode: str, spec: StepSpec, params, steps: int, directory: Path) -> De
     if _failed_path(package).exists():
         return Decision(False, f"its last build failed ({_failed_path(package).read_text()}; log "
                                f"{package.with_suffix('.log')}); --compile on tries again")
-    build_s = estimated_build_s(spec, directory)
     saving = estimated_saving_s(params, spec.config, torch.device(spec.device), steps)
-    if saving > build_s:
-        return Decision(True, f"{steps} decode steps save ~{saving:.0f} s, more than compiling "
-                              f"takes (~{build_s:.0f} s)", "foreground")
-    reason = f"{steps} decode steps would save ~{saving:.1f} s, compiling takes ~{build_s:.0f} s"
+    pays, reason = repays(saving, estimated_build_s(spec, directory), steps)
+    if pays:
+        return Decision(True, reason, "foreground")
     pid = build_in_progress(package)
     if pid is not None:
         return Decision(False, f"{reason}; a background build (pid {pid}) will serve later runs")

@@ -31,8 +31,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from aquila_fn.config import ModelConfig
-from aquila_fn.decode_compile import (AOT_DEVICES, CACHE_BUCKET, DEFAULT_BUILD_S, CompiledSteps,
-                                      estimated_saving_s)
+from aquila_fn.decode_compile import (AOT_DEVICES, CACHE_BUCKET, CompiledSteps, default_build_s,
+                                      estimated_saving_s, repays)
 from aquila_fn.model import forward, init_cache, project_logits
 from aquila_fn.sampling import GREEDY, SamplingParams, penalise, sample, seen_mask, warp
 from aquila_fn.step_graph import GraphStep
@@ -445,13 +445,12 @@ class Decoder:
         return False
 
     def _jit_pays(self, steps: int) -> bool:
+        """"auto" on npu (no package kept across runs): compile when this run repays it."""
         if self.mode in ("jit", "on"):
             return True
         saving = estimated_saving_s(self.params, self.config, self.device, steps)
-        build = DEFAULT_BUILD_S["npu"][0] + DEFAULT_BUILD_S["npu"][1] * self.config.n_layers
-        on = saving > build
-        self.log(f"compile: {'on' if on else 'off'} ({steps} decode steps would save ~{saving:.0f} s; "
-                 f"compiling takes ~{build:.0f} s)")
+        on, reason = repays(saving, default_build_s(self.device.type, self.config.n_layers), steps)
+        self.log(f"compile: {'on' if on else 'off'} ({reason})")
         return on
 
     def _eager_step(self, tokens, cache, start, positions, batch: _Batch):

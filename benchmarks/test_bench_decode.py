@@ -156,7 +156,7 @@ class Run:
               f"(best {info['decode_tokens_per_s_best']}) | bandwidth {info['bandwidth_GBps_median']} GB/s "
               f"(best {info['bandwidth_GBps_best']}) | bandwidth bound reached: "
               f"{100 * info['fraction_of_bandwidth_bound_median']:.0f}% median, "
-              f"{100 * info['fraction_of_bandwidth_bound_best']:.0f}% best | compile {self.compile_s:.0f} s | "
+              f"{100 * info['fraction_of_bandwidth_bound_best']:.0f}% best | warm-up {self.compile_s:.1f} s | "
               f"{info['threads']} thread(s)")
         return info
 
