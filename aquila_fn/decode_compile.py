@@ -524,7 +524,11 @@ class CompiledSteps:
         decision = decide(self.mode, spec, self.params, steps, self.directory)
         self._say(batch, f"compile: {'on' if decision.compile else 'off'} ({decision.reason})")
         if decision.build == "background":
-            pid = start_background_build(spec, self.directory)
+            try:
+                pid = start_background_build(spec, self.directory)
+            except OSError as e:  # an unwritable cache directory: decode eagerly all the same
+                self.log(f"compile: no background build ({_first_line(e)})")
+                pid = None
             if pid is not None:
                 self.log(f"compile: background build pid {pid}, log {spec.package_path(self.directory).with_suffix('.log')}")
         if not decision.compile:

@@ -168,6 +168,17 @@ def test_auto_falls_back_to_eager_when_the_build_fails(tmp_path, params, monkeyp
         Decoder(params, CONFIG, compile="on", cache_dir=tmp_path).generate([[1, 5, 9]], max_new_tokens=4)
 
 
+def test_unwritable_cache_directory_decodes_eagerly(tmp_path, params, monkeypatch):
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a file where the cache directory should go
+    monkeypatch.setenv(dc.BACKGROUND_ENV, "1")
+    monkeypatch.setattr(dc, "estimated_saving_s", lambda *args: 10.0)  # background, not foreground
+    lines = []
+    d = Decoder(params, CONFIG, cache_dir=blocked / "compiled", log=lines.append)
+    assert len(d.generate([[1, 5, 9]], max_new_tokens=4)[0].tokens) == 4
+    assert lines[-1].startswith("compile: no background build (")
+
+
 # ----------------------------------------------------------------------------- graph replay
 
 
