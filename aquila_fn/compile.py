@@ -16,15 +16,19 @@ NPU_INSTALL_HINT = "pip install 'aquila-fn[npu]'"
 BACKENDS = ("auto", "inductor", "npu", "torchair", "eager", "aot_eager")
 
 
-def npu_backend():
-    """torchair's NPU backend; torch_npu must be imported before torchair."""
+def npu_backend(mode: str | None = None):
+    """torchair's NPU backend; torch_npu must be imported before torchair. mode:
+    "reduce-overhead" replays captured NPU graphs (aclgraph); default: torchair's own."""
     try:
         importlib.import_module("torch_npu")
         torchair = importlib.import_module("torchair")
     except ImportError as e:
         raise ImportError("compiling for an NPU needs torch_npu and torchair (shipped with "
                           f"torch_npu); install them with: {NPU_INSTALL_HINT}") from e
-    return torchair.get_npu_backend(compiler_config=torchair.CompilerConfig())
+    config = torchair.CompilerConfig()
+    if mode is not None:
+        config.mode = mode
+    return torchair.get_npu_backend(compiler_config=config)
 
 
 def _on_npu(args, kwargs) -> bool:

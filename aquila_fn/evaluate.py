@@ -265,12 +265,12 @@ def perplexity(params: Params, config: ModelConfig, tokenizer, text: str, *,
 @torch.no_grad()
 def greedy_generate(params: Params, config: ModelConfig, tokenizer, prompts: Sequence[Sequence[int]], *,
                     max_new_tokens: int = 256, stop: Sequence[str] = (), batch_size: int = 8,
-                    compute_dtype=None, progress: bool = False) -> list[str]:
+                    compute_dtype=None, progress: bool = False, decoder_options: dict | None = None) -> list[str]:
     """Greedy continuations of token-id prompts, cut before the first stop string (lm-eval's
     `until`); decoding also ends at EOS. Prompts run `batch_size` at a time through
     generate.Decoder (left-padded, static KV cache); a prompt too long for the context keeps its
-    tail, leaving room for the answer."""
-    decoder = Decoder(params, config, compute_dtype=compute_dtype)
+    tail, leaving room for the answer. decoder_options: more `Decoder` arguments (compile, cache_dir, log)."""
+    decoder = Decoder(params, config, compute_dtype=compute_dtype, **(decoder_options or {}))
     keep = max(config.max_seq_len - max_new_tokens, 1)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     out: list[str] = [""] * len(prompts)

@@ -19,6 +19,7 @@ never a Python int, and decoding N tokens compiles nothing after the first step.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -30,8 +31,11 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from aquila_fn.config import ModelConfig
+from aquila_fn.decode_compile import (AOT_DEVICES, CACHE_BUCKET, CompiledSteps, default_build_s,
+                                      estimated_saving_s, repays)
 from aquila_fn.model import forward, init_cache, project_logits
 from aquila_fn.sampling import GREEDY, SamplingParams, penalise, sample, seen_mask, warp
+from aquila_fn.step_graph import GraphStep
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODEL = ASSETS / "stories260K.bin"
@@ -77,6 +81,7 @@ class DecodeStats:
     decode_s: float = 0.0    # excluding steps that compiled
     compile_s: float = 0.0   # time of calls that compiled a graph
     compiles: int = 0        # graphs compiled during the call
+    warmup_s: float = 0.0    # loading (or building) the ahead-of-time compiled step
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -88,6 +93,8 @@ class DecodeStats:
                 f"({self.decode_tokens_per_s:.1f} tokens/s)")
         if self.compiles:
             line += f" | compile: {self.compiles} graphs, {self.compile_s:.1f} s (excluded)"
+        if self.warmup_s:
+            line += f" | warm-up: {self.warmup_s:.2f} s (excluded)"
         return line
 
 
@@ -165,6 +172,37 @@ def _resolve_backend(compile: bool | str | Callable):
     return lookup_backend(compile)
 
 
+def _compile_mode(compile) -> str:
+    """"off", "auto", "on" (the ahead-of-time compiled step) or "jit" (torch.compile in process)."""
+    if compile is False or compile is None or compile == "off":
+        return "off"
+    if compile is True:
+        return "on"
+    if compile in ("auto", "on"):
+        return compile
+    return "jit"
+
+
+def _aot_call(step, params):
+    """The Decoder's step signature over an ahead-of-time compiled step (which writes the cache
+    in place and returns the logits)."""
+    def call(tokens, cache, start, positions, batch):
+        return step(params, tokens, cache, start, positions, batch.step_mask), cache
+    return call
+
+
+def _npu_graph_step(decode_fn, params):
+    """The decode step under torchair's reduce-overhead mode: captured once per shape and cache,
+    replayed as an NPU graph (aclgraph). The weights are marked static so that the graph reads
+    them in place instead of copying them in as per-call inputs."""
+    from aquila_fn.compile import npu_backend
+    from aquila_fn import pytree
+    for leaf in pytree.leaves(params):
+        torch._dynamo.mark_static_address(leaf)
+    return torch.compile(decode_fn, backend=npu_backend(mode="reduce-overhead"), fullgraph=True,
+                         dynamic=False)
+
+
 def _decode_impl(impl: str, compiled: bool, device: torch.device) -> str:
     """The ops for the compiled CPU decode step: plain math, which inductor fuses with the
     matrix-vector loops into one kernel per step (an extern SDPA call per layer splits it and
@@ -223,6 +261,7 @@ class _Batch:
     positions: torch.Tensor  # [B, P] rotary positions (padding clamped to 0)
     key_mask: torch.Tensor | None  # [B, max_len] True = a real token may sit here; None: no padding
     max_len: int             # cache length
+    step_mask: torch.Tensor | None = None  # key_mask, or all True: the AOT-compiled step's mask
 
     @property
     def prompt_len(self) -> int:
@@ -293,28 +332,39 @@ def _eos_set(eos_id) -> set[int]:
 class Decoder:
     """Holds a model, its (optionally compiled) prefill and decode step, and the strategies.
 
-    compile: False (eager), True / "inductor" (inductor, batch-1 matvecs as fused reductions),
-    "eager" / "aot_eager" (dynamo capture only: cheap, for tests) or a dynamo backend callable.
-    `self.compiles` counts the graphs compiled so far, so callers can check that decoding does
-    not recompile. hugepages: decode from a copy of the weights on transparent huge pages
-    (CPU; see `hugepage_params`).
+    compile: "auto" (default): the decode step compiled ahead of time (aquila_fn.decode_compile)
+    when a package is cached on disk for this model shape or the run is long enough to repay
+    compiling it, else eager, with the package built in the background for later runs;
+    True / "on": the compiled step always (built now if not cached); False / "off": eager;
+    "inductor" (torch.compile of prefill and step, batch-1 matvecs as fused reductions),
+    "eager" / "aot_eager" (dynamo capture only: cheap, for tests) or a dynamo backend callable:
+    compiled in process by torch.compile. On cuda a compiled step is replayed as a CUDA graph
+    (aquila_fn.step_graph); on npu "on" compiles it with torchair's reduce-overhead (aclgraph)
+    mode. `self.compiles` counts the graphs torch.compile built, so callers can check that
+    decoding does not recompile. hugepages: decode from a copy of the weights on transparent
+    huge pages (CPU; see `hugepage_params`). cache_dir: where compiled steps are kept (default
+    ~/.cache/aquila_fn/compiled or $AQUILA_FN_COMPILE_CACHE). log: receives one line per
+    compilation decision, load or build (the scripts print them on stderr).
     """
 
-    def __init__(self, params, config: ModelConfig, *, compile: bool | str | Callable = False,
+    def __init__(self, params, config: ModelConfig, *, compile: bool | str | Callable = "auto",
                  compute_dtype: torch.dtype | None = None, impl: str = "auto",
-                 prefill_bucket: int = 16, cache_bucket: int = 64, hugepages: bool = False):
+                 prefill_bucket: int = 16, cache_bucket: int = 64, hugepages: bool = False,
+                 cache_dir: str | os.PathLike | None = None, log: Callable[[str], None] | None = None):
         self.params, self.config, self.impl = params, config, impl
         if hugepages:
             self.params = hugepage_params(params)
         self.dtype = compute_dtype or params["embed"].dtype
         self.device = params["embed"].device
-        self.compiled = compile is not False and compile is not None
+        self.mode = _compile_mode(compile)
+        self.compiled = self.mode == "jit"  # prefill and step under torch.compile, shapes bucketed
         self.prefill_bucket = prefill_bucket if self.compiled else 1
         self.cache_bucket = cache_bucket if self.compiled else 1
         self.compiles = 0
         self.stats = DecodeStats()
+        self.log = log or (lambda line: None)
         kw = dict(config=config, compute_dtype=compute_dtype)
-        step_impl = _decode_impl(impl, self.compiled, self.device)
+        step_impl = _decode_impl(impl, self.mode != "off", self.device)
 
         # Two distinct functions, so dynamo keeps a separate (small) cache of graphs for each.
         def prefill_fn(params, tokens, cache, positions, key_mask):
@@ -323,11 +373,26 @@ class Decoder:
         def decode_fn(params, tokens, cache, start_pos, positions, key_mask):
             return decode_step(params, tokens, cache, start_pos, positions, key_mask, impl=step_impl, **kw)
 
+        self._jit_decode = None  # torch.compile'd step: "jit" mode, or torchair graphs on npu
         if self.compiled:
             backend = self._counting(_resolve_backend(compile))
             prefill_fn = torch.compile(prefill_fn, backend=backend, fullgraph=True, dynamic=False)
             decode_fn = torch.compile(decode_fn, backend=backend, fullgraph=True, dynamic=False)
+            self._jit_decode = decode_fn
+        elif self.mode != "off" and self.device.type == "npu":
+            self._jit_decode = _npu_graph_step(decode_fn, self.params)
         self._prefill_fn, self._decode_fn = prefill_fn, decode_fn
+        self._aot = None  # the ahead-of-time compiled steps (cpu, cuda)
+        if self.mode in ("auto", "on") and self.device.type in AOT_DEVICES:
+            self._aot = CompiledSteps(self.params, config, mode=self.mode, compute_dtype=self.dtype,
+                                      device=self.device, impl=step_impl, directory=cache_dir, log=self.log,
+                                      single_threaded=self.device.type == "cuda")
+        self._graphs = None  # CUDA graph replay of the AOT step
+        self._active = self._eager_step  # the decode step of the current generation (see layout)
+        if self.mode == "off":
+            self.log("compile: off (--compile off)")
+        elif self._aot is None and self._jit_decode is None:
+            self.log(f"compile: off (no compiled decode step for {self.device.type})")
 
     def _counting(self, backend):
         def counted(gm, example_inputs):
@@ -339,22 +404,60 @@ class Decoder:
 
     def layout(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> _Batch:
         """Left-pad the prompts and size the cache (both rounded up when compiled, so that nearby
-        lengths share one compiled graph)."""
+        lengths share one compiled graph); chooses the decode step for this generation."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token (e.g. BOS)")
         longest = max(len(p) for p in prompts)
         if longest + max_new_tokens > self.config.max_seq_len:
             raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds "
                              f"the model's max_seq_len={self.config.max_seq_len}")
+        aot = self._select_step(len(prompts), max_new_tokens)
         p = _round_up(longest, self.prefill_bucket)
-        max_len = _round_up(p + max_new_tokens, self.cache_bucket)
+        max_len = _round_up(p + max_new_tokens, CACHE_BUCKET if aot else self.cache_bucket)
         tokens, pads = left_pad(prompts, p)
         positions = (torch.arange(p)[None, :] - pads[:, None]).clamp(min=0)
         to = dict(device=self.device)
         key_mask = None  # no padding: causality alone, and the prefill takes the causal kernels
         if bool(pads.any()):
             key_mask = (torch.arange(max_len)[None, :] >= pads[:, None]).to(**to)
-        return _Batch(tokens.to(**to), pads.to(**to), positions.to(**to), key_mask, max_len)
+        step_mask = None  # the AOT step always takes a mask: one package serves both cases
+        if aot:
+            step_mask = key_mask if key_mask is not None else torch.ones(len(prompts), max_len, dtype=torch.bool, **to)
+        return _Batch(tokens.to(**to), pads.to(**to), positions.to(**to), key_mask, max_len, step_mask)
+
+    def _select_step(self, batch: int, max_new_tokens: int) -> bool:
+        """Pick this generation's decode step; True if it is the ahead-of-time compiled one."""
+        self._active = self._eager_step
+        if self._aot is not None:
+            before = self._aot.warmup_s
+            step = self._aot.get(batch, max_new_tokens - 1)
+            self.stats.warmup_s += self._aot.warmup_s - before
+            if step is not None:
+                if self.device.type == "cuda":  # replayed as CUDA graphs, one set per package
+                    self._graphs = self._graphs or {}
+                    if step.path not in self._graphs:
+                        self._graphs[step.path] = GraphStep(step)
+                    step = self._graphs[step.path]
+                self._active = _aot_call(step, self._aot.params)
+                return True
+        elif self._jit_decode is not None and self._jit_pays(max_new_tokens - 1):
+            self._active = self._jit_step
+        return False
+
+    def _jit_pays(self, steps: int) -> bool:
+        """"auto" on npu (no package kept across runs): compile when this run repays it."""
+        if self.mode in ("jit", "on"):
+            return True
+        saving = estimated_saving_s(self.params, self.config, self.device, steps)
+        on, reason = repays(saving, default_build_s(self.device.type, self.config.n_layers), steps)
+        self.log(f"compile: {'on' if on else 'off'} ({reason})")
+        return on
+
+    def _eager_step(self, tokens, cache, start, positions, batch: _Batch):
+        return self._decode_fn(self.params, tokens, cache, start, positions, batch.key_mask)
+
+    def _jit_step(self, tokens, cache, start, positions, batch: _Batch):
+        return self._jit_decode(self.params, tokens, cache, start, positions, batch.key_mask)
 
     def new_cache(self, batch: int, max_len: int):
         return init_cache(self.config, batch, max_len, dtype=self.dtype, device=self.device)
@@ -365,10 +468,9 @@ class Decoder:
 
     def step(self, tokens: torch.Tensor, slot: int, batch: _Batch, cache):
         """Decode one token per row ([B]) into cache slot `slot`."""
-        start = torch.tensor(slot, dtype=torch.long, device=self.device)
+        start = torch.full((), slot, dtype=torch.long, device=self.device)
         positions = (slot - batch.pads)[:, None]
-        return self._timed(lambda: self._decode_fn(self.params, tokens[:, None], cache, start,
-                                                    positions, batch.key_mask), "decode_s")
+        return self._timed(lambda: self._active(tokens[:, None], cache, start, positions, batch), "decode_s")
 
     def _timed(self, call, bucket: str):
         before, t0 = self.compiles, time.perf_counter()
@@ -383,14 +485,16 @@ class Decoder:
         return out
 
     def warmup(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> float:
-        """Compile the prefill and decode graphs for these shapes ahead of time; seconds spent."""
+        """Get the decode step for these shapes ready ahead of time (load or build the compiled
+        step; compile in-process graphs; capture device graphs); seconds spent."""
         t0 = time.perf_counter()
         batch = self.layout(prompts, max_new_tokens)
-        cache = self.new_cache(len(prompts), batch.max_len)
-        logits, cache = self.prefill(batch, cache)
-        token = logits.argmax(-1)
-        for t in range(2):  # the second step proves the first one's graph is reused
-            logits, cache = self.step(token, batch.prompt_len + t, batch, cache)
+        if self.compiled or self.device.type != "cpu":
+            cache = self.new_cache(len(prompts), batch.max_len)
+            logits, cache = self.prefill(batch, cache)
+            token = logits.argmax(-1)
+            for t in range(2):  # the second step proves the first one's graph is reused
+                logits, cache = self.step(token, batch.prompt_len + t, batch, cache)
         self.stats = DecodeStats()
         return time.perf_counter() - t0
 
@@ -511,6 +615,7 @@ class _BeamSearch:
         improvable = torch.ones(b, 1, dtype=torch.bool, device=dev)
         offsets = torch.arange(b, device=dev)[:, None] * k
 
+        reorder = _CacheReorder(cache)
         logits, cache = d.prefill(batch, cache)
         for t in range(self.max_new):
             log_probs = self._log_probs(logits, seen).view(b, k, v) + running_scores[..., None]
@@ -534,7 +639,7 @@ class _BeamSearch:
             if not self._continue(improvable, is_finished, hits):
                 break
             rows = (source_beam + offsets).view(-1)
-            _reorder(cache, rows)
+            reorder(cache, rows, batch.prompt_len + t)  # slots written so far: the prompt and t tokens
             next_tokens = running[:, :, t].reshape(-1)
             if seen is not None:
                 seen = seen[rows]
@@ -603,27 +708,44 @@ class _BeamSearch:
         return bool(improvable.any()) and not all_done and not bool(hits.all())
 
 
-def _reorder(cache, rows: torch.Tensor) -> None:
-    """Beam bookkeeping: row i of the cache becomes old row rows[i], in place (static buffers)."""
-    for layer in cache:
-        for name in ("k", "v"):
-            layer[name].copy_(layer[name].index_select(0, rows))
+class _CacheReorder:
+    """Beam bookkeeping on the static cache, in place: row i becomes old row rows[i]. Only the
+    rows that change and the slots filled so far move, through one scratch buffer the size of one
+    layer's keys, allocated once per search: no step allocates more than a few index tensors."""
+
+    def __init__(self, cache):
+        self.scratch = torch.empty_like(cache[0]["k"])
+        self.identity = torch.arange(self.scratch.shape[0], device=self.scratch.device)
+
+    def __call__(self, cache, rows: torch.Tensor, filled: int) -> None:
+        moved = (rows != self.identity).nonzero().squeeze(1)
+        n = moved.numel()
+        if n == 0:
+            return
+        sources = rows.index_select(0, moved)
+        shape = (n, filled, *self.scratch.shape[2:])
+        moving = self.scratch.view(-1)[:math.prod(shape)].view(shape)
+        for layer in cache:
+            for name in ("k", "v"):
+                filled_slots = layer[name][:, :filled]
+                torch.index_select(filled_slots, 0, sources, out=moving)
+                filled_slots.index_copy_(0, moved, moving)
 
 
 # ----------------------------------------------------------------------------- functional wrappers
 
 
-def generate(params, config: ModelConfig, prompts, *, compile=False, compute_dtype=None, **kwargs):
+def generate(params, config: ModelConfig, prompts, *, compile="auto", compute_dtype=None, **kwargs):
     """Completions for a batch of prompts (see `Decoder.stream` for the options)."""
     return Decoder(params, config, compile=compile, compute_dtype=compute_dtype).generate(prompts, **kwargs)
 
 
-def stream(params, config: ModelConfig, prompts, *, compile=False, compute_dtype=None, **kwargs):
+def stream(params, config: ModelConfig, prompts, *, compile="auto", compute_dtype=None, **kwargs):
     """StreamEvents as tokens are chosen (see `Decoder.stream`)."""
     return Decoder(params, config, compile=compile, compute_dtype=compute_dtype).stream(prompts, **kwargs)
 
 
-def beam_search(params, config: ModelConfig, prompts, *, compile=False, compute_dtype=None, **kwargs):
+def beam_search(params, config: ModelConfig, prompts, *, compile="auto", compute_dtype=None, **kwargs):
     return Decoder(params, config, compile=compile, compute_dtype=compute_dtype).beam_search(prompts, **kwargs)
 
 

@@ -342,14 +342,14 @@ def evaluate_multiple_choice(params, config, tokenizer, examples: Sequence[Multi
 
 
 def evaluate_generation(params, config, tokenizer, examples: Sequence[Generation], *, batch_size: int = 8,
-                        max_new_tokens: int = 256, progress: bool = False, add_bos: bool = True
-                        ) -> tuple[dict, list[dict]]:
+                        max_new_tokens: int = 256, progress: bool = False, add_bos: bool = True,
+                        decoder_options: dict | None = None) -> tuple[dict, list[dict]]:
     """GSM8K-style exact match: `exact_match` (strict '#### N') and `exact_match_flexible` (last
     number); `acc` is the strict score."""
     prompts = [tokenizer.encode(ex.prompt, bos=add_bos and tokenizer.bos_id is not None) for ex in examples]
     stop = examples[0].stop if examples else ()
     outputs = greedy_generate(params, config, tokenizer, prompts, max_new_tokens=max_new_tokens, stop=stop,
-                              batch_size=batch_size, progress=progress)
+                              batch_size=batch_size, progress=progress, decoder_options=decoder_options)
     records = []
     for ex, out in zip(examples, outputs):
         gold = normalize_number(ex.answer)
@@ -407,8 +407,9 @@ def load_task(name: str, data, *, shots: int | None = None, limit: int | None = 
 def run_task(name: str, params, config, tokenizer, data, *, limit: int | None = None,
              shots: int | None = None, batch_size: int = 8, split: str | None = None,
              subjects: Sequence[str] | None = None, max_new_tokens: int = 256, max_len: int | None = None,
-             progress: bool = False) -> tuple[dict, list[dict]]:
-    """Evaluate one task; returns (summary with task, n and the metrics, per-example records)."""
+             progress: bool = False, decoder_options: dict | None = None) -> tuple[dict, list[dict]]:
+    """Evaluate one task; returns (summary with task, n and the metrics, per-example records).
+    decoder_options: more `generate.Decoder` arguments for generative tasks (compile, cache_dir, log)."""
     task = get_task(name)
     if task.kind == "perplexity":
         text = _need_file(Path(data), "text file").read_text(encoding="utf-8")
@@ -422,7 +423,8 @@ def run_task(name: str, params, config, tokenizer, data, *, limit: int | None = 
         raise TaskDataError(f"{data}: no examples to evaluate")
     if task.kind == "generation":
         summary, records = evaluate_generation(params, config, tokenizer, examples, batch_size=batch_size,
-                                               max_new_tokens=max_new_tokens, progress=progress)
+                                               max_new_tokens=max_new_tokens, progress=progress,
+                                               decoder_options=decoder_options)
     else:
         summary, records = evaluate_multiple_choice(params, config, tokenizer, examples,
                                                     batch_size=batch_size, max_len=max_len,

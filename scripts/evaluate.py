@@ -42,10 +42,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=256, help="generative tasks")
     p.add_argument("--max-len", type=int, help="context window used (default: the model's)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="generative tasks: the ahead-of-time compiled decode step (see generate.py --compile)")
+    p.add_argument("--compile-cache", metavar="DIR", help="where compiled decode steps are kept")
     device.add_argument(p)
     p.add_argument("--out", help="results file (default: <task>_results.json)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
+
+
+def _stderr_line(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> int:
@@ -59,7 +66,8 @@ def main(argv=None) -> int:
             args.task, params, config, tokenizer, args.data, limit=args.limit, shots=args.shots,
             batch_size=args.batch_size, split=args.split,
             subjects=args.subjects.split(",") if args.subjects else None,
-            max_new_tokens=args.max_new_tokens, max_len=args.max_len, progress=not args.no_progress)
+            max_new_tokens=args.max_new_tokens, max_len=args.max_len, progress=not args.no_progress,
+            decoder_options=dict(compile=args.compile, cache_dir=args.compile_cache, log=_stderr_line))
     except (FileNotFoundError, TaskDataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,10 +6,12 @@
     python scripts/generate.py --model hf_dir --prompt "..." --num-beams 4 --length-penalty 1.0
     python scripts/generate.py --model ckpt_dir --tokenizer tok.model --batch-file prompts.txt
     python scripts/generate.py --model hf_dir --interactive                 # AquilaChat template
-    python scripts/generate.py --compile --quantize int8 --dtype bfloat16 ...
+    python scripts/generate.py --compile on --quantize int8 --dtype bfloat16 ...
 
-Stdout: each prompt followed by its completion (streamed for a single prompt). Stderr: one
-statistics line: prefill time and decode speed in tokens/s, one-time compilation excluded.
+Stdout: each prompt followed by its completion (streamed for a single prompt). Stderr: the
+compilation decision (--compile auto: the compiled decode step when it is cached or the run
+repays compiling it), the warm-up time, and one statistics line: prefill time and decode speed
+in tokens/s, one-time warm-up excluded.
 """
 
 from __future__ import annotations
@@ -50,7 +52,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--quantize", choices=["int8"], help="weight-only int8 (per-channel scales)")
-    p.add_argument("--compile", action="store_true", help="compile prefill and decode step (torch.compile)")
+    p.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                   help="the ahead-of-time compiled decode step: auto (default) = when cached on disk or "
+                        "the run repays compiling it (else built in the background for later runs)")
+    p.add_argument("--compile-cache", metavar="DIR",
+                   help="where compiled decode steps are kept (default: $AQUILA_FN_COMPILE_CACHE or "
+                        "~/.cache/aquila_fn/compiled)")
     device.add_argument(p)
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's); 1 on an oversubscribed machine")
     args = p.parse_args(argv)
@@ -72,8 +79,9 @@ def build(args):
         from aquila_fn.quantize import quantize_params
         params = quantize_params(params)
     # Compiled CPU decoding is bandwidth-bound: huge pages speed up its sweep over the weights.
-    hugepages = args.compile and args.device.type == "cpu"
-    decoder = Decoder(params, config, compile=args.compile, compute_dtype=dtype, hugepages=hugepages)
+    hugepages = args.compile != "off" and args.device.type == "cpu"
+    decoder = Decoder(params, config, compile=args.compile, compute_dtype=dtype, hugepages=hugepages,
+                      cache_dir=args.compile_cache, log=lambda line: print(line, file=sys.stderr, flush=True))
     return decoder, tok
 
 
@@ -113,7 +121,7 @@ def complete(args, decoder: Decoder, tok, texts: list[str], out: TextIO, err: Te
     """Generate for the prompts, writing prompt + completion to `out`; the completions' text."""
     prompts = [encode(tok, t) for t in texts]
     max_new = fit_max_new(decoder, prompts, args.max_new_tokens, err)
-    compile_s = warm(args, decoder, prompts, max_new)
+    warmup_s = warm(args, decoder, prompts, max_new)
     if args.num_beams > 1:
         completions = beam_texts(args, decoder, tok, prompts, max_new, stops)
         for text, completion in zip(texts, completions):
@@ -127,14 +135,12 @@ def complete(args, decoder: Decoder, tok, texts: list[str], out: TextIO, err: Te
         for i, (text, completion) in enumerate(zip(texts, completions)):
             out.write(("\n" if i else "") + text + completion + "\n")
     out.flush()
-    report(decoder, compile_s, err)
+    report(decoder, warmup_s, err)
     return completions
 
 
 def warm(args, decoder: Decoder, prompts: list[list[int]], max_new: int) -> float:
-    """Compile ahead of the timed run, so the statistics exclude one-time compilation."""
-    if not args.compile:
-        return 0.0
+    """Choose, load or build the decode step ahead of the timed run, so the statistics exclude it."""
     rows = [p for p in prompts for _ in range(args.num_beams)]
     return decoder.warmup(rows, max_new)
 
@@ -150,11 +156,8 @@ def beam_texts(args, decoder: Decoder, tok, prompts, max_new: int, stops) -> lis
             for prompt, best in zip(prompts, beams)]
 
 
-def report(decoder: Decoder, compile_s: float, err: TextIO) -> None:
-    line = decoder.stats.summary()
-    if compile_s:
-        line += f" | compile (warm-up): {compile_s:.1f} s, excluded"
-    print(line, file=err, flush=True)
+def report(decoder: Decoder, warmup_s: float, err: TextIO) -> None:
+    print(f"{decoder.stats.summary()} | warm-up: {warmup_s:.2f} s (excluded)", file=err, flush=True)
 
 
 def interactive(args, decoder: Decoder, tok, inp: TextIO, out: TextIO, err: TextIO) -> None:
@@ -197,9 +200,9 @@ def stream_text(events, out: TextIO) -> str:
 def complete_chat(args, decoder, tok, prompt: str, stops, out: TextIO, err: TextIO) -> str:
     prompts = [encode(tok, prompt)]
     max_new = fit_max_new(decoder, prompts, args.max_new_tokens, err)
-    compile_s = warm(args, decoder, prompts, max_new) if args.num_beams == 1 else 0.0
+    warmup_s = warm(args, decoder, prompts, max_new) if args.num_beams == 1 else 0.0
     text = stream_text(decoder.stream(prompts, **generation_kwargs(args, tok, max_new, stops)), out)
-    report(decoder, compile_s, err)
+    report(decoder, warmup_s, err)
     return text
 
 

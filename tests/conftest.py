@@ -1,7 +1,14 @@
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+# Decoders default to --compile auto: keep its packages out of the user's cache, and start no
+# background builds from tests (a test that wants either sets it up itself).
+os.environ["AQUILA_FN_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="aquila_fn_compiled_")
+os.environ["AQUILA_FN_COMPILE_BACKGROUND"] = "0"
 
 ASSETS = Path(__file__).resolve().parents[1] / "aquila_fn" / "assets"
 

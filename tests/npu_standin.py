@@ -239,7 +239,8 @@ def make_torchair() -> types.ModuleType:
 
     def get_npu_backend(*, compiler_config=None, custom_decompositions=None):
         def npu_backend(gm, example_inputs):
-            _record("torchair_backend", n_nodes=len(gm.graph.nodes))
+            _record("torchair_backend", n_nodes=len(gm.graph.nodes),
+                    mode=getattr(compiler_config, "mode", None))
             return gm.forward
         return npu_backend
 

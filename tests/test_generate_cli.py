@@ -36,6 +36,9 @@ def test_stories260k_greedy_matches_llama2c(capsys):
     out, err = run(capsys, "--prompt", "Once upon a time", "--max-new-tokens", "60")
     assert out == llama2c_reference() + "\n"
     assert re.search(r"prefill: 5 tokens in [\d.]+ ms \| decode: 59 tokens in [\d.]+ s \([\d.]+ tokens/s\)", err)
+    # --compile auto: a toy model's 59 steps do not repay compiling (no background build in tests)
+    assert re.search(r"compile: off \(59 decode steps would save ~[\d.]+ s, compiling takes ~\d+ s\)", err)
+    assert re.search(r"warm-up: [\d.]+ s", err)
 
 
 def test_sampling_is_seeded(capsys):
