@@ -273,7 +273,9 @@ def rotary_tables(config: ModelConfig, positions: torch.Tensor, dtype: torch.dty
 def _compiled_layer(backend: str):
     from aquila_fn.compile import compile
 
-    return compile(_layer, backend=backend)
+    # static shapes: a training run's layers all have one shape (a recompile with dynamic
+    # shapes could not trace ZeRO-3's saved-tensor hooks, parallel.zero.ReshardAfterForward)
+    return compile(_layer, backend=backend, dynamic=False)
 
 
 def _as_dict(p):

@@ -130,6 +130,11 @@ def make_train_step(config: ModelConfig, optimizer, layout: Layout, *, micro_bat
     if layout.trivial:
         return train.make_train_step(config, optimizer, micro_batches=micro_batches, precision=precision,
                                      recompute=recompute, compile=compile, impl=impl, **kwargs)
+    if compile and recompute == "selective":
+        # torch 2.13's AOTAutograd fails on the checkpointed attention core of a compiled layer
+        # over DTensors (the recomputed region's saved values include a DeviceMesh)
+        raise ValueError("compile on a mesh compiles each layer, which does not work with recompute="
+                         "'selective' there; use recompute 'full' or 'none' with it")
     # Hooks would see each micro-batch's gradient before train.py adds them up, and an fp16
     # loss scale is divided out after backward: in those cases reduce after backward instead.
     reducer = GradReducer(layout, bucket_bytes=bucket_bytes,

@@ -134,13 +134,17 @@ def on_local_blocks(fn, x, *others, free_dims: tuple):
 
 def resolve_elementwise(impl: str, x: torch.Tensor) -> str:
     """auto for elementwise ops: npu on NPU; inside an outer torch.compile the reference
-    (inductor fuses it with its neighbours); otherwise the compiled kernel for large tensors."""
+    (inductor fuses it with its neighbours); otherwise the compiled kernel for large tensors.
+    Tensor subclasses (a DTensor the op could not run on block by block) take the reference,
+    whatever impl says: the kernels take plain tensors."""
     check_impl(impl)
+    if not _plain(x):
+        return "reference"
     if impl != "auto":
         return impl
     if is_npu(x):
         return "npu"
-    if is_compiling() or not _plain(x) or x.numel() < MIN_FUSED_NUMEL:
+    if is_compiling() or x.numel() < MIN_FUSED_NUMEL:
         return "reference"
     return "fused"
 

@@ -4,7 +4,8 @@ the same steps run in one process (each rank computes that reference itself).
 
     torchrun --standalone --nproc-per-node 2 tests/dist_layouts.py "dp=2" "tp=2;sp" "dp=2;zero=2"
 
-A layout is "<mesh>[;zero=N][;sp][;offload][;micro=M][;recompute=POLICY]".
+A layout is "<mesh>[;zero=N][;sp][;offload][;micro=M][;recompute=POLICY][;compile=BACKEND]"
+(compile: each layer compiled with that torch.compile backend, regional compilation).
 """
 
 from __future__ import annotations
@@ -58,13 +59,14 @@ def run_pipeline(mesh, *, zero=0, sp=False, micro=1, virtual=1, schedule="1f1b",
     return losses, state
 
 
-def run(layout, *, micro=1, offload=False, recompute="none", config=CONFIG):
+def run(layout, *, micro=1, offload=False, recompute="none", compile=False, config=CONFIG):
     params = sharding.init_params(config, SEED, layout)
     opt = make_optimizer()
     if not layout.trivial or offload:
         opt = parallel.distributed_optimizer(opt, layout, max_grad_norm=1.0, offload=offload)
     state = train.init_train_state(params, opt, precision="fp32")
-    step = sharding.make_train_step(config, opt, layout, micro_batches=micro, precision="fp32", recompute=recompute)
+    step = sharding.make_train_step(config, opt, layout, micro_batches=micro, precision="fp32", recompute=recompute,
+                                    compile=compile)
     losses = []
     for batch in batches(config):
         state, metrics = step(state, sharding.local_batch(batch, layout))
@@ -72,7 +74,7 @@ def run(layout, *, micro=1, offload=False, recompute="none", config=CONFIG):
     return losses, parallel.gather(state["params"]), state
 
 
-def first_grads(layout, recompute="none", config=CONFIG):
+def first_grads(layout, recompute="none", compile=False, config=CONFIG):
     """Reduced gradients of the first batch's mean loss (full tensors), for a direct check."""
     params = sharding.init_params(config, SEED, layout)
     batch = next(batches(config))
@@ -81,7 +83,7 @@ def first_grads(layout, recompute="none", config=CONFIG):
     launched = []
     launch = reducer._launch
     reducer._launch = lambda bucket: (launched.append(bucket), launch(bucket))
-    loss_sum = sharding.make_loss_sum_fn(layout, reducer=reducer)
+    loss_sum = sharding.make_loss_sum_fn(layout, reducer=reducer, compile_layers=compile)
     vg = value_and_grad(lambda p, b: loss_sum(p, b, config, recompute=recompute)[0] / n)
     with layout.activate():
         _, grads = vg(params, sharding.local_batch(batch, layout))
@@ -90,14 +92,14 @@ def first_grads(layout, recompute="none", config=CONFIG):
     return parallel.gather(grads), during_backward
 
 
-def bf16_grads_same_without_resharding(layout, recompute, config=CONFIG) -> bool:
+def bf16_grads_same_without_resharding(layout, recompute, compile=False, config=CONFIG) -> bool:
     """bf16 gradients with ZeRO-3's reshard after forward (weights re-gathered and re-cast in
     backward) equal, bit for bit, those of a graph that keeps the gathered weights."""
     params = sharding.init_params(config, SEED, layout)
     batch = sharding.local_batch(next(batches(config)), layout)
 
     def grads():
-        loss_sum = sharding.make_loss_sum_fn(layout)
+        loss_sum = sharding.make_loss_sum_fn(layout, compile_layers=compile)
         vg = value_and_grad(lambda p, b: loss_sum(p, b, config, recompute=recompute,
                                                   compute_dtype=torch.bfloat16)[0])
         with layout.activate():
@@ -135,8 +137,8 @@ def _local(t):
     return t._local_tensor if hasattr(t, "_local_tensor") else t
 
 
-def gathered_layer_bytes_after_forward(layout, recompute, config=CONFIG,
-                                       compute_dtype=None) -> tuple[int, int]:
+def gathered_layer_bytes_after_forward(layout, recompute, config=CONFIG, compute_dtype=None,
+                                       compile=False) -> tuple[int, int]:
     """Bytes of all-gathered layer weights (ZeRO-3), and of their compute-dtype casts, still
     alive when the forward has returned: what the graph keeps for backward (under
     parallel.zero.ReshardAfterForward, only the shards), and how many of the gathers were
@@ -157,8 +159,8 @@ def gathered_layer_bytes_after_forward(layout, recompute, config=CONFIG,
     parallel.zero._gather_leaf = recording
     try:
         with layout.activate(), _CastsOf(alive):
-            loss, _ = sharding.make_loss_sum_fn(layout)(params, next(batches(config)), config,
-                                                        recompute=recompute, compute_dtype=compute_dtype)
+            loss, _ = sharding.make_loss_sum_fn(layout, compile_layers=compile)(
+                params, next(batches(config)), config, recompute=recompute, compute_dtype=compute_dtype)
         gc.collect()
         return sum(n for ref, n in alive if not ref.expired()), sum(asynchronous)
     finally:
@@ -202,15 +204,16 @@ def main(argv):
             continue
         layout = sharding.make_layout(mesh, zero=zero, sequence_parallel=sp)
         t0 = time.time()
-        recompute = opts.get("recompute", "none")
-        losses, params, state = run(layout, micro=micro, offload=offload, recompute=recompute)
+        recompute, compile = opts.get("recompute", "none"), opts.get("compile", False)
+        losses, params, state = run(layout, micro=micro, offload=offload, recompute=recompute, compile=compile)
         diff = max((a - b).abs().max().item() for a, b in
                    zip(parallel.tree.leaves(ref_params), parallel.tree.leaves(params)))
-        grads, buckets = first_grads(layout, recompute)
-        gathered, async_gathers = gathered_layer_bytes_after_forward(layout, recompute)
-        gathered_bf16, _ = gathered_layer_bytes_after_forward(layout, recompute, compute_dtype=torch.bfloat16)
+        grads, buckets = first_grads(layout, recompute, compile)
+        gathered, async_gathers = gathered_layer_bytes_after_forward(layout, recompute, compile=compile)
+        gathered_bf16, _ = gathered_layer_bytes_after_forward(layout, recompute, compute_dtype=torch.bfloat16,
+                                                              compile=compile)
         reshard = parallel.zero.needs_gather(layout)
-        bf16_same = bf16_grads_same_without_resharding(layout, recompute) if reshard else None
+        bf16_same = bf16_grads_same_without_resharding(layout, recompute, compile) if reshard else None
         grad_diff = max(((a - b).abs().max() / a.abs().max().clamp(min=1e-12)).item() for a, b in
                         zip(parallel.tree.leaves(ref_grads), parallel.tree.leaves(grads)))
         if mesh.rank == 0:

@@ -60,6 +60,34 @@ def test_plan_matches_real_allocations_and_traffic(planned_and_measured, case):
     assert real["comm_sent_bytes"] == pytest.approx(plan["comm_sent_bytes"], rel=0.02), case
 
 
+@pytest.mark.parametrize("recompute", ["none", "selective"])
+def test_a_meta_forward_keeps_what_a_real_forward_keeps(recompute):
+    """The plan's dry run leaves exactly the tensors a real forward leaves, kernel for kernel: the
+    fused elementwise kernels declare what they save (a dispatch mode such as the planner's
+    meter runs compiled code eagerly), and attention on meta takes the flash kernel's memory
+    (SDPA's math path on meta would keep the [B, H, S, S] probabilities)."""
+    import torch
+    from unittest import mock
+
+    from aquila_fn import model, pytree
+    from ops._dispatch import resolve_elementwise
+    from ops.rotary import _rope_table_cached
+    from parallel.meter import LiveMeter
+
+    config = get_config("tiny").replace(n_layers=2)
+    live = {}
+    for device in ("cpu", "meta"):
+        params = model.param_shapes(config) if device == "meta" else model.init_params(config, 0)
+        params = pytree.tree_map(lambda x: x.detach().requires_grad_(), params)
+        ids = torch.zeros((2, 64), dtype=torch.long, device=device)
+        _rope_table_cached.cache_clear()
+        with mock.patch.object(model, "check_tokens", lambda *a, **k: None), LiveMeter() as meter:
+            total, _ = model.loss_sum_fn(params, {"input_ids": ids, "labels": ids}, config, recompute=recompute)
+        live[device] = meter.live
+    assert resolve_elementwise("auto", torch.zeros(2, 64, config.dim)) == "fused"  # kernels, not reference
+    assert live["meta"] == live["cpu"], live
+
+
 def test_plan_cli_for_a_model_that_does_not_fit_here():
     args = ["-m", "parallel.plan", "--config", "aquila2-34b", "--mesh", "dp=8,tp=8,pp=2", "--batch-size", "64",
             "--micro-batch-size", "1", "--seq-len", "4096", "--recompute", "selective", "--zero", "1",
