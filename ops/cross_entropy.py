@@ -79,43 +79,54 @@ class VocabShard:
     padded: int
 
 
-def _vocab_parallel_stats(z, labels, valid, vocab: VocabShard):
-    """(per-token loss, logsumexp [c, 1], local label index, whether this rank holds the label,
-    z in the softmax dtype) of logits whose vocabulary is split over vocab.group: the max, the
-    sum of exponentials and the target logit are all-reduced over the group."""
+def _vocab_sums(z, top, local, mine):
+    """[c, 2]: the sum of exp(z - top) over this rank's vocabulary block, and the target logit
+    where this rank holds the label (`mine`; `local` = label - the block's first row), else 0."""
+    zf = z.to(_acc(z.dtype))
+    target = zf.gather(1, torch.where(mine, local, 0).unsqueeze(1)).squeeze(1)
+    return torch.stack([(zf - top).exp().sum(1), torch.where(mine, target, 0.0)], dim=1)
+
+
+def _vocab_grad_(z, lse, local, mine, valid):
+    """Overwrites z with this block's d loss_sum / d z (see _softmax_grad_eager_)."""
+    zf = z.to(_acc(z.dtype))
+    onehot = (torch.arange(z.shape[1], device=z.device).unsqueeze(0) == local.unsqueeze(1)) & mine.unsqueeze(1)
+    z.copy_(torch.where(valid.unsqueeze(1), (zf - lse).exp() - onehot.to(zf.dtype), 0.0))
+
+
+_vocab_sums_compiled = LazyCompiled(_vocab_sums, dynamic=False)
+_vocab_grad_compiled_ = LazyCompiled(_vocab_grad_, dynamic=False)
+
+
+def _vocab_parallel_loss(z, labels, valid, vocab: VocabShard, grad: bool):
+    """Per-token losses of logits whose vocabulary is split over vocab.group (z: this rank's
+    block): the max, then the sum of exponentials and the target logit, are all-reduced over
+    the group. With `grad`, z is overwritten with its gradient, as _softmax_grad_ does."""
     import torch.distributed as dist
 
-    zf = z.to(_acc(z.dtype))
+    big = z.numel() >= MIN_COMPILED_LOGITS
     local = labels - vocab.start
     mine = valid & (local >= 0) & (local < z.shape[1])
-    safe = torch.where(mine, local, 0)
-    top = zf.amax(1, keepdim=True)
+    top = z.amax(1, keepdim=True).to(_acc(z.dtype))
     dist.all_reduce(top, op=dist.ReduceOp.MAX, group=vocab.group)
-    target = torch.where(mine, zf.gather(1, safe.unsqueeze(1)).squeeze(1), 0.0)
-    sums = torch.stack([(zf - top).exp().sum(1), target], dim=1)
+    sums = (_vocab_sums_compiled if big else _vocab_sums)(z, top, local, mine)
     dist.all_reduce(sums, group=vocab.group)
     lse = top + sums[:, :1].log()
-    return torch.where(valid, lse.squeeze(1) - sums[:, 1], 0.0), lse, safe, mine, zf
-
-
-def _vocab_parallel_grad_(z, labels, valid, vocab: VocabShard):
-    """_softmax_grad_eager_ over this rank's vocabulary block."""
-    loss, lse, safe, mine, zf = _vocab_parallel_stats(z, labels, valid, vocab)
-    onehot = (torch.arange(z.shape[1], device=z.device).unsqueeze(0) == safe.unsqueeze(1)) & mine.unsqueeze(1)
-    z.copy_(torch.where(valid.unsqueeze(1), (zf - lse).exp() - onehot.to(zf.dtype), 0.0))
-    return loss
+    if grad:
+        (_vocab_grad_compiled_ if big else _vocab_grad_)(z, lse, local, mine, valid)
+    return torch.where(valid, lse.squeeze(1) - sums[:, 1], 0.0)
 
 
 def _softmax_loss(z, labels, valid, vocab: VocabShard | None = None):
     if vocab is not None:
-        return _vocab_parallel_stats(z, labels, valid, vocab)[0]
+        return _vocab_parallel_loss(z, labels, valid, vocab, grad=False)
     big = z.numel() >= MIN_COMPILED_LOGITS
     return (_softmax_loss_compiled if big else _softmax_loss_eager)(z, labels, valid)
 
 
 def _softmax_grad_(z, labels, valid, vocab: VocabShard | None = None):
     if vocab is not None:
-        return _vocab_parallel_grad_(z, labels, valid, vocab)
+        return _vocab_parallel_loss(z, labels, valid, vocab, grad=True)
     big = z.numel() >= MIN_COMPILED_LOGITS
     return (_softmax_grad_compiled_ if big else _softmax_grad_eager_)(z, labels, valid)
 

@@ -580,6 +580,23 @@ def test_vocab_parallel_cross_entropy_matches_reference(monkeypatch, chunk):
     _close(torch.cat([r[4] for r in results]), dw_ref, GRAD_TOL[torch.float32])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vocab_parallel_compiled_kernels_match_eager(dtype):
+    """Chunks of >= MIN_COMPILED_LOGITS logits run the vocabulary-parallel softmax pieces compiled."""
+    ce = importlib.import_module("ops.cross_entropy")
+    z = torch.randn(64, 300, dtype=dtype)
+    local = torch.randint(-50, 350, (64,))
+    valid = torch.rand(64) > 0.2
+    mine = valid & (local >= 0) & (local < 300)
+    top = z.float().amax(1, keepdim=True) + 0.5
+    _close(ce._vocab_sums_compiled(z, top, local, mine), ce._vocab_sums(z, top, local, mine), TOL[dtype])
+    lse = top + 2.0
+    a, b = z.clone(), z.clone()
+    ce._vocab_grad_compiled_(a, lse, local, mine, valid)
+    ce._vocab_grad_(b, lse, local, mine, valid)
+    _close(a, b, TOL[dtype])
+
+
 # ----------------------------------------------------------------------------- adamw
 
 
