@@ -15,8 +15,9 @@ from aquila_fn.config import get_config
 
 CASES = ["tp=2/0/0/none", "tp=2/0/1/none", "dp=2/1/0/selective", "dp=2/2/0/none", "dp=2/3/0/none"]
 # Cases whose forward runs collectives: there gloo keeps staging memory that no tensor holds (under
-# ZeRO-3 about one gathered copy of the weights, ~12 MiB here; 2.6-4.7 MiB under sequence
-# parallelism, varying from run to run), which the profiler counts and a meta run cannot have.
+# ZeRO-3 about one gathered copy of the weights, ~11-14 MB here; 0-0.5 MB with tensor parallelism,
+# 2.5-4.7 MB with sequence parallelism: it varies from run to run), which the profiler counts and a
+# meta run cannot have.
 COLLECTIVES = ("tp=2/0/0/none", "tp=2/0/1/none", "dp=2/3/0/none")
 BATCH, SEQ = "4", "64"
 
