@@ -11,8 +11,10 @@ so interop is a renaming. Norms, softmax and the loss run in fp32; matmuls run i
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -270,19 +272,44 @@ def rotary_tables(config: ModelConfig, positions: torch.Tensor, dtype: torch.dty
     return cos[positions], sin[positions]
 
 
+@functools.cache
+def _compiled_layer(backend: str):
+    from aquila_fn.compile import compile
+
+    # static shapes: a training run's layers all have one shape (a recompile with dynamic
+    # shapes could not trace ZeRO-3's saved-tensor hooks, parallel.zero.ReshardAfterForward)
+    return compile(_layer, backend=backend, dynamic=False)
+
+
+def _as_dict(p):
+    """A layer's parameters as plain dicts: a Mapping that gathers leaves as they are read
+    (ZeRO-3's parallel.zero.GatherOnAccess) is read in full, outside the compiled layer."""
+    return {k: _as_dict(v) if isinstance(v, Mapping) else v for k, v in p.items()}
+
+
+def _run_layer(compiled: bool | str, p, *args) -> torch.Tensor:
+    if not compiled:
+        return _layer(p, *args)
+    return _compiled_layer("auto" if compiled is True else compiled)(_as_dict(p), *args)
+
+
 def run_layers(layers, h: torch.Tensor, cos, sin, config: ModelConfig, *, cache: list | None = None,
                slots: slice | torch.Tensor | None = None, mask: torch.Tensor | None = None, impl: str = "auto",
-               recompute: str = "none") -> torch.Tensor:
-    """The decoder layers over the hidden state, with the chosen recomputation policy."""
+               recompute: str = "none", compile_layers: bool | str = False) -> torch.Tensor:
+    """The decoder layers over the hidden state, with the chosen recomputation policy.
+    compile_layers: True or a backend name (aquila_fn.compile) runs each layer as a compiled
+    function (regional compilation: one graph per layer shape, shared by the layers), for
+    programs that cannot be one graph, e.g. on a mesh, where parameters are gathered and
+    gradients reduced between layers."""
     if recompute not in RECOMPUTE_POLICIES:
         raise ValueError(f"recompute={recompute!r}; expected one of {RECOMPUTE_POLICIES}")
     for i, p in enumerate(layers):
         kv = None if cache is None else cache[i]
         if recompute == "full" and torch.is_grad_enabled():
-            h = checkpoint(_layer, p, h, cos, sin, config, kv, slots, mask, impl, False,
+            h = checkpoint(_run_layer, compile_layers, p, h, cos, sin, config, kv, slots, mask, impl, False,
                            use_reentrant=False)
         else:
-            h = _layer(p, h, cos, sin, config, kv, slots, mask, impl, recompute == "selective")
+            h = _run_layer(compile_layers, p, h, cos, sin, config, kv, slots, mask, impl, recompute == "selective")
     return h
 
 
@@ -298,7 +325,8 @@ def project_logits(params: Params, h: torch.Tensor) -> torch.Tensor:
 def forward(params: Params, tokens: torch.Tensor, config: ModelConfig, *, cache: list | None = None,
             start_pos: int | torch.Tensor = 0, positions: torch.Tensor | None = None,
             attn_mask: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None,
-            impl: str = "auto", recompute: str = "none", return_hidden: bool = False):
+            impl: str = "auto", recompute: str = "none", compile_layers: bool | str = False,
+            return_hidden: bool = False):
     """Logits [B, S, V] (fp32) for `tokens` [B, S], and the cache.
 
     With a cache, the tokens occupy slots start_pos..start_pos+S-1 and attend to every earlier
@@ -320,7 +348,7 @@ def forward(params: Params, tokens: torch.Tensor, config: ModelConfig, *, cache:
     slots, k_len = _cache_slots(cache, start_pos, s, device)
     mask = _attention_mask(b, s, k_len, start_pos if cache is not None else None, attn_mask, device)
     h = run_layers(params["layers"], h, cos, sin, config, cache=cache, slots=slots, mask=mask, impl=impl,
-                   recompute=recompute)
+                   recompute=recompute, compile_layers=compile_layers)
     h = final_norm(params, h, config, impl)
     return (h, cache) if return_hidden else (project_logits(params, h), cache)
 
@@ -330,14 +358,15 @@ def forward(params: Params, tokens: torch.Tensor, config: ModelConfig, *, cache:
 
 def loss_sum_fn(params: Params, batch: dict[str, torch.Tensor], config: ModelConfig, *,
                 compute_dtype: torch.dtype | None = None, impl: str = "auto",
-                recompute: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+                recompute: str = "none", compile_layers: bool | str = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token losses in fp32, number of counted tokens); labels of -100 are ignored.
 
     `batch["labels"][b, t]` is the target for position t (already shifted). The output projection
     and the cross-entropy are fused and chunked, so [tokens, vocab] logits never exist at once.
     """
     hidden, _ = forward(params, batch["input_ids"], config, attn_mask=batch.get("attention_mask"),
-                        compute_dtype=compute_dtype, impl=impl, recompute=recompute, return_hidden=True)
+                        compute_dtype=compute_dtype, impl=impl, recompute=recompute,
+                        compile_layers=compile_layers, return_hidden=True)
     w = head_weight(params).to(hidden.dtype)
     return ops.cross_entropy(hidden.reshape(-1, hidden.shape[-1]), w, batch["labels"].reshape(-1),
                              impl=impl)

@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--precision", default="auto", help="bf16 | fp16 | fp32 | auto (bf16 where the hardware has it)")
     a("--recompute", choices=model.RECOMPUTE_POLICIES, default="none")
     a("--compile", action=argparse.BooleanOptionalAction, default=False,
-      help="compile the loss (forward+backward) with fullgraph=True")
+      help="compile the loss (forward+backward) with fullgraph=True; under --mesh, each layer")
     a("--impl", choices=("auto", "reference", "fused"), default="auto", help="ops implementation")
     a("--out", default=d["out"], help="run directory: metrics.jsonl, checkpoints, loss.png")
     a("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")

@@ -69,15 +69,11 @@ def local_batch(batch: dict, layout: Layout) -> dict:
 
 
 def ops_impl(layout: Layout, impl: str = "auto") -> str:
-    """Kernel choice under a mesh: the reference ops. They are plain torch ops, which DTensor
-    propagates, and the reference cross-entropy under a tp axis is the vocabulary-parallel one;
-    the fast paths are not DTensor-aware (no sharding rule for the CPU flash-attention kernel,
-    the chunked fused cross-entropy is a custom autograd function over plain tensors).
-    Attention split over batch and heads runs its reference math on each rank's local blocks
-    (ops.attention); parallel.plan's dry run on meta tensors then counts the same memory."""
-    if layout.trivial or impl != "auto":
-        return impl
-    return "reference"
+    """Kernel choice under a mesh: the one-process choice. The ops run their kernels on each
+    rank's local blocks where the placements allow (attention over batch and heads, norms,
+    rotary and swiglu over rows, the fused cross-entropy over rows and, under tp,
+    vocabulary-parallel) and the reference math on DTensors elsewhere."""
+    return impl
 
 
 @dataclass
@@ -97,16 +93,18 @@ def _all_reduce(value: float, layout: Layout, dtype=torch.float64) -> float:
 
 
 def make_loss_sum_fn(layout: Layout, *, reducer: GradReducer | None = None,
-                     context: _StepContext | None = None) -> Callable:
+                     context: _StepContext | None = None, compile_layers: bool | str = False) -> Callable:
     """`loss_sum(params, local_batch, config, **kw) -> (local loss sum, local tokens)` computed
     on the mesh: parameters gathered for computation (ZeRO-3 with prefetch, resharded after
     forward: backward gathers each saved weight again, see ReshardAfterForward), the batch split
-    over the data axes, the model run on DTensors. Returns this rank's partial sums as plain
-    tensors (the gradient flows back into the DTensor parameters). With `reducer`, gradients
-    are reduced in its buckets while backward runs (ZeRO-3's reduce-scatters included)."""
+    over the data axes, the model run on DTensors (each layer compiled with `compile_layers`).
+    Returns this rank's partial sums as plain tensors (the gradient flows back into the DTensor
+    parameters). With `reducer`, gradients are reduced in its buckets while backward runs
+    (ZeRO-3's reduce-scatters included)."""
 
     def loss_sum(params, batch, config, **kw):
         kw["impl"] = ops_impl(layout, kw.get("impl", "auto"))
+        kw.setdefault("compile_layers", compile_layers)
         with layout.activate():
             if reducer is not None:
                 reducer.watch(params)
@@ -138,6 +136,11 @@ def make_train_step(config: ModelConfig, optimizer, layout: Layout, *, micro_bat
     if layout.trivial:
         return train.make_train_step(config, optimizer, micro_batches=micro_batches, precision=precision,
                                      recompute=recompute, compile=compile, impl=impl, **kwargs)
+    if compile and recompute == "selective":
+        # torch 2.13's AOTAutograd fails on the checkpointed attention core of a compiled layer
+        # over DTensors (the recomputed region's saved values include a DeviceMesh)
+        raise ValueError("compile on a mesh compiles each layer, which does not work with recompute="
+                         "'selective' there; use recompute 'full' or 'none' with it")
     reducer = GradReducer(layout, bucket_bytes=bucket_bytes, overlap=overlap)
     context = _StepContext()
 
@@ -148,10 +151,10 @@ def make_train_step(config: ModelConfig, optimizer, layout: Layout, *, micro_bat
 
     inner = train.make_train_step(
         config, optimizer, micro_batches=micro_batches, precision=precision, recompute=recompute,
-        # DTensor programs are run eagerly here: the loss registers hooks and gathers layers
-        # lazily, which a fullgraph compile cannot trace.
+        # The step is not one graph here (the loss registers gradient hooks and gathers layers
+        # lazily): `compile` compiles each layer instead (regional compilation).
         compile=False, impl=impl,
-        loss_sum_fn=make_loss_sum_fn(layout, reducer=reducer, context=context),
+        loss_sum_fn=make_loss_sum_fn(layout, reducer=reducer, context=context, compile_layers=compile),
         grad_transform=grad_transform, **kwargs)
 
     def step(state, batch):

@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import check_impl, emulated_matmul, is_npu, torch_npu
+from ._dispatch import check_impl, emulated_matmul, is_dtensor, is_npu, on_local_blocks, torch_npu
 
 # npu_fusion_attention's causal sparse modes take this compressed 2048x2048 upper triangle
 # (True = masked) instead of a full [Sq, Sk] mask.
@@ -58,6 +58,13 @@ def attention_sdpa(q, k, v, *, causal=True, mask=None, scale=None):
         keep, is_causal = None, True  # top-left and bottom-right alignment coincide
     else:
         keep, is_causal = _keep_mask(sq, sk, causal, mask, q.device), False
+    if q.is_meta and keep is None:
+        # Meta tensors (parallel.plan's dry run) would take SDPA's math path, which keeps the
+        # [B, H, S, S] probabilities; the flash kernel a device runs keeps q, k, v, the output
+        # and a logsumexp per row. Its CPU op has meta shapes (and the output layout) of its own.
+        out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, is_causal, scale=scale)[0]
+        return out.transpose(1, 2)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=keep,
         is_causal=is_causal, scale=scale, enable_gqa=q.shape[2] != k.shape[2])
@@ -298,7 +305,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     check_impl(impl)
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads {q.shape[2]} are not a multiple of kv heads {k.shape[2]}")
-    if _is_dtensor(q):
+    if is_dtensor(q):
         return _attention_dtensor(q, k, v, causal=causal, mask=mask, scale=scale, impl=impl)
     if impl == "npu" or (impl == "auto" and is_npu(q)):
         return attention_npu(q, k, v, causal=causal, mask=mask, scale=scale)
@@ -315,48 +322,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     return attention_sdpa(q, k, v, causal=causal, mask=mask, scale=scale)
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return type(t).__name__ == "DTensor"
-
-
 # DTensor placements under which attention is independent per rank: batch rows (dim 0) and
 # heads (dim 2) split, or nothing; a split sequence or head dim, or a partial sum, is not.
 _PER_RANK_SHARD_DIMS = (0, 2)
 
 
-def _per_rank(q, k, v, mask) -> bool:
-    """Whether each rank can attend over its own blocks of q, k, v: the same mesh and the
-    same placements, each a batch or head split or a replica (kv heads split like query
-    heads keep each rank's GQA groups whole), and no mask to distribute."""
-    if mask is not None or not all(_is_dtensor(t) for t in (k, v)):
-        return False
-    same = all(t.device_mesh == q.device_mesh and t.placements == q.placements for t in (k, v))
-    return same and all(p.is_replicate() or (p.is_shard() and p.dim in _PER_RANK_SHARD_DIMS)
-                        for p in q.placements)
-
-
 def _attention_dtensor(q, k, v, *, causal, mask, scale, impl):
-    """Attention over DTensors (tensor and data parallel layers). Sharded over batch and heads,
-    it runs the kernel `impl` picks on each rank's local blocks (as torchtitan's tensor
-    parallelism does): no communication, and no DTensor sharding search for the batched
-    matmuls of the math, which took about 6 s per new shape on a 2-D mesh with torch 2.13.
-    Otherwise the reference math runs on the DTensors and DTensor moves what it must."""
-    if not _per_rank(q, k, v, mask):
-        return attention_reference(q, k, v, causal=causal, mask=mask, scale=scale)
-    from torch.distributed.tensor import DTensor
-    out = attention(q.to_local(), k.to_local(), v.to_local(), causal=causal, scale=scale, impl=impl)
-    # contiguous, so the DTensor's global strides are the contiguous ones of its shape (the
-    # caller's reshape into [B, S, H * hd] would copy a transposed kernel output anyway)
-    return DTensor.from_local(out.contiguous(), q.device_mesh, q.placements, run_check=False,
-                              shape=q.shape, stride=_contiguous_strides(q.shape))
-
-
-def _contiguous_strides(shape) -> tuple:
-    strides, n = [], 1
-    for size in reversed(shape):
-        strides.append(n)
-        n *= size
-    return tuple(reversed(strides))
+    """Attention over DTensors (tensor and data parallel layers). With q, k, v placed alike
+    (kv heads split like query heads keep each rank's GQA groups whole) over batch and heads,
+    and no mask to distribute, it runs the kernel `impl` picks on each rank's local blocks (as
+    torchtitan's tensor parallelism does): no communication, and no DTensor sharding search for
+    the batched matmuls of the math, which took about 6 s per new shape on a 2-D mesh with
+    torch 2.13. Otherwise the reference math runs on the DTensors and DTensor moves what it must."""
+    out = None
+    if mask is None and all(is_dtensor(t) and t.placements == q.placements for t in (k, v)):
+        out = on_local_blocks(lambda a, b, c: attention(a, b, c, causal=causal, scale=scale, impl=impl),
+                              q, k, v, free_dims=_PER_RANK_SHARD_DIMS)
+    return out if out is not None else attention_reference(q, k, v, causal=causal, mask=mask, scale=scale)
 
 
 def _chunked_keep_probs(q, k, v, causal, mask) -> bool | None:

@@ -5,7 +5,7 @@ import functools
 
 import torch
 
-from ._dispatch import LazyCompiled, is_compiling, resolve_elementwise, torch_npu
+from ._dispatch import LazyCompiled, is_compiling, is_dtensor, on_local_blocks, resolve_elementwise, torch_npu
 
 
 def _rope_table_compute(length, head_dim, theta, dtype, device):
@@ -53,7 +53,35 @@ def rotary_reference(x, cos, sin):
     return (x * c + _rotate_half(x) * s).to(x.dtype)
 
 
-rotary_fused = LazyCompiled(rotary_reference)
+def _rotary_backward(grad, cos, sin):
+    """d/dx of rotary_reference: grad * cos + the transposed rotate-half of grad * sin."""
+    c, s = _per_head(cos), _per_head(sin)
+    g1, g2 = (grad * s).chunk(2, dim=-1)
+    return (grad * c + torch.cat([g2, -g1], dim=-1)).to(grad.dtype)
+
+
+_forward_kernel = LazyCompiled(rotary_reference)
+_backward_kernel = LazyCompiled(_rotary_backward)
+
+
+class _FusedRotary(torch.autograd.Function):
+    """A compiled kernel each way, keeping only the tables for backward (see ops.norm's
+    _FusedRMSNorm for why the saved tensors are declared here)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _forward_kernel(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _backward_kernel(grad, *ctx.saved_tensors), None, None
+
+
+def rotary_fused(x, cos, sin):
+    if cos.requires_grad or sin.requires_grad:  # learned tables: the reference's autograd
+        return rotary_reference(x, cos, sin)
+    return _FusedRotary.apply(x, cos, sin)
 
 
 def rotary_npu(x, cos, sin):
@@ -66,7 +94,13 @@ def rotary_npu(x, cos, sin):
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
            impl: str = "auto") -> torch.Tensor:
-    """x [B, S, H, hd] rotated by cos/sin [S, hd] or [B, S, hd] (rotate-half); x.dtype out."""
+    """x [B, S, H, hd] rotated by cos/sin [S, hd] or [B, S, hd] (rotate-half); x.dtype out.
+    A DTensor x split over heads (and batch, for [S, hd] tables) rotates each rank's block."""
+    if is_dtensor(x) and impl != "reference" and not (is_dtensor(cos) or is_dtensor(sin)):
+        out = on_local_blocks(lambda a: rotary(a, cos, sin, impl=impl), x,
+                              free_dims=(0, 2) if cos.dim() == 2 else (2,))
+        if out is not None:
+            return out
     impl = resolve_elementwise(impl, x)
     if impl == "npu":
         return rotary_npu(x, cos, sin)

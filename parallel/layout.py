@@ -131,13 +131,14 @@ class Layout:
         """Make this the layout `constrain` resolves against. Plain tensors met by DTensor ops
         count as replicated (rotary tables, masks), and with a tp axis the cross-entropy over
         vocabulary-sharded logits runs vocabulary-parallel. Run forward *and* backward inside."""
-        if self.trivial or _ACTIVE.get() is self:
+        global _active
+        if self.trivial or _active is self:
             yield self
             return
         from torch.distributed.tensor.experimental import implicit_replication
         from torch.distributed.tensor.parallel import loss_parallel
 
-        token = _ACTIVE.set(self)
+        previous, _active = _active, self
         try:
             with contextlib.ExitStack() as stack:
                 stack.enter_context(implicit_replication())
@@ -147,7 +148,7 @@ class Layout:
                     stack.enter_context(loss_parallel())
                 yield self
         finally:
-            _ACTIVE.reset(token)
+            _active = previous
 
     def activated(self, fn: Callable) -> Callable:
         """`fn` run inside `activate()` (e.g. a whole train step)."""
@@ -161,12 +162,15 @@ class Layout:
         return wrapped
 
 
-_ACTIVE: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("aquila_parallel_layout", default=None)
+# The active layout: a plain global rather than a ContextVar, which torch.compile cannot read
+# (compiled layers call `constrain`; the compiled code is guarded on this object) and which
+# autograd's device threads, where backward recomputes checkpointed layers, would not see.
+_active: Layout | None = None
 _LOSS_PARALLEL: contextvars.ContextVar[bool] = contextvars.ContextVar("aquila_loss_parallel", default=False)
 
 
 def current_layout() -> Layout | None:
-    return _ACTIVE.get()
+    return _active
 
 
 def as_layout(mesh_or_layout: Mesh | Layout, rules: Rules | None = None, **kw) -> Layout:
@@ -263,10 +267,10 @@ def to_local(tree: Any) -> Any:
 def constrain(x: torch.Tensor, spec: Spec) -> torch.Tensor:
     """Place an activation as `spec` says under the active layout (differentiable); the identity
     without one, or for plain tensors (which are replicated by construction)."""
-    if torch.compiler.is_compiling():  # compiled programs here are one-process ones
+    if not is_dtensor(x):
         return x
-    layout = _ACTIVE.get()
-    if layout is None or layout.trivial or not is_dtensor(x):
+    layout = _active
+    if layout is None or layout.trivial:
         return x
     placements = layout.placements(spec, x.dim(), "act", "activation")
     if tuple(x.placements) == placements:

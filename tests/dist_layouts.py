@@ -4,7 +4,8 @@ the same steps run in one process (each rank computes that reference itself).
 
     torchrun --standalone --nproc-per-node 2 tests/dist_layouts.py "dp=2" "tp=2;sp" "dp=2;zero=2"
 
-A layout is "<mesh>[;zero=N][;sp][;offload][;micro=M][;recompute=POLICY][;fp16]"; pipeline
+A layout is "<mesh>[;zero=N][;sp][;offload][;micro=M][;recompute=POLICY][;fp16][;compile=BACKEND]"
+(compile: each layer compiled with that torch.compile backend, regional compilation); pipeline
 layouts (a pp axis) also take "[;v=VIRTUAL][;schedule=NAME][;untied]" and train the
 tied-embedding model unless untied.
 """
@@ -123,14 +124,15 @@ def one_process_reference(config, precision, micro):
     return {"losses": losses, "params": params, "skipped": skipped, "valid": valid}
 
 
-def run(layout, *, micro=1, offload=False, recompute="none", config=CONFIG, precision="fp32", overlap=True):
+def run(layout, *, micro=1, offload=False, recompute="none", config=CONFIG, precision="fp32", overlap=True,
+        compile=False):
     params = sharding.init_params(config, SEED, layout)
     opt = make_optimizer()
     if not layout.trivial or offload:
         opt = parallel.distributed_optimizer(opt, layout, max_grad_norm=1.0, offload=offload)
     state = train.init_train_state(params, opt, precision=precision, loss_scale=LOSS_SCALE)
     step = sharding.make_train_step(config, opt, layout, micro_batches=micro, precision=precision, recompute=recompute,
-                                    loss_scale=LOSS_SCALE, overlap=overlap)
+                                    loss_scale=LOSS_SCALE, overlap=overlap, compile=compile)
     losses, skipped = [], []
     for batch in batches(config):
         state, metrics = step(state, sharding.local_batch(batch, layout))
@@ -139,7 +141,7 @@ def run(layout, *, micro=1, offload=False, recompute="none", config=CONFIG, prec
     return losses, parallel.gather(state["params"]), state, skipped
 
 
-def first_grads(layout, recompute="none", config=CONFIG, micro=1):
+def first_grads(layout, recompute="none", config=CONFIG, micro=1, compile=False):
     """Reduced gradients of the first batch's mean loss (full tensors) over `micro` micro-batches,
     for a direct check; and for each micro-batch's backward, how many buckets it sent in all
     and how many of those while gradients were still arriving (overlapping backward)."""
@@ -151,7 +153,7 @@ def first_grads(layout, recompute="none", config=CONFIG, micro=1):
     add, launch = reducer._add, reducer._launch
     reducer._add = lambda *a: (events.append("grad"), add(*a))[1]
     reducer._launch = lambda bucket: (events.append("launch"), launch(bucket))[1]
-    loss_sum = sharding.make_loss_sum_fn(layout, reducer=reducer)
+    loss_sum = sharding.make_loss_sum_fn(layout, reducer=reducer, compile_layers=compile)
     vg = train.weighted_value_and_grad(lambda p, b: loss_sum(p, b, config, recompute=recompute))
     launched, overlapped = [], []
 
@@ -171,14 +173,14 @@ def first_grads(layout, recompute="none", config=CONFIG, micro=1):
     return parallel.gather(grads), {"launched": launched, "before_last_grad": overlapped}
 
 
-def bf16_grads_same_without_resharding(layout, recompute, config=CONFIG) -> bool:
+def bf16_grads_same_without_resharding(layout, recompute, compile=False, config=CONFIG) -> bool:
     """bf16 gradients with ZeRO-3's reshard after forward (weights re-gathered and re-cast in
     backward) equal, bit for bit, those of a graph that keeps the gathered weights."""
     params = sharding.init_params(config, SEED, layout)
     batch = sharding.local_batch(next(batches(config)), layout)
 
     def grads():
-        loss_sum = sharding.make_loss_sum_fn(layout)
+        loss_sum = sharding.make_loss_sum_fn(layout, compile_layers=compile)
         vg = value_and_grad(lambda p, b: loss_sum(p, b, config, recompute=recompute,
                                                   compute_dtype=torch.bfloat16)[0])
         with layout.activate():
@@ -216,8 +218,8 @@ def _local(t):
     return t._local_tensor if hasattr(t, "_local_tensor") else t
 
 
-def gathered_layer_bytes_after_forward(layout, recompute, config=CONFIG,
-                                       compute_dtype=None) -> tuple[int, int]:
+def gathered_layer_bytes_after_forward(layout, recompute, config=CONFIG, compute_dtype=None,
+                                       compile=False) -> tuple[int, int]:
     """Bytes of all-gathered layer weights (ZeRO-3), and of their compute-dtype casts, still
     alive when the forward has returned: what the graph keeps for backward (under
     parallel.zero.ReshardAfterForward, only the shards), and how many of the gathers were
@@ -238,8 +240,8 @@ def gathered_layer_bytes_after_forward(layout, recompute, config=CONFIG,
     parallel.zero._gather_leaf = recording
     try:
         with layout.activate(), _CastsOf(alive):
-            loss, _ = sharding.make_loss_sum_fn(layout)(params, next(batches(config)), config,
-                                                        recompute=recompute, compute_dtype=compute_dtype)
+            loss, _ = sharding.make_loss_sum_fn(layout, compile_layers=compile)(
+                params, next(batches(config)), config, recompute=recompute, compute_dtype=compute_dtype)
         gc.collect()
         return sum(n for ref, n in alive if not ref.expired()), sum(asynchronous)
     finally:
@@ -284,26 +286,27 @@ def main(argv):
             continue
         layout = sharding.make_layout(mesh, zero=zero, sequence_parallel=sp)
         t0 = time.time()
-        recompute = opts.get("recompute", "none")
+        recompute, compile = opts.get("recompute", "none"), opts.get("compile", False)
         precision = "fp16" if "fp16" in opts else "fp32"
         losses, params, state, skipped = run(layout, micro=micro, offload=offload, recompute=recompute,
-                                             precision=precision)
+                                             precision=precision, compile=compile)
         # fp16: one process taking the same rows per micro-batch (see run_pipeline_layout)
         ref = reference(CONFIG, precision, micro * layout.data_size if precision == "fp16" else 1)
         diff = max((a - b).abs().max().item() for a, b in
                    zip(parallel.tree.leaves(ref["params"]), parallel.tree.leaves(params)))
         skips = [None] * mesh.world_size
         torch.distributed.all_gather_object(skips, skipped)
-        grads, buckets = first_grads(layout, recompute, micro=micro)
+        grads, buckets = first_grads(layout, recompute, micro=micro, compile=compile)
         same_bits = None
         if micro > 1:  # reduced during backward or after it: the same sums, so the same bits
             _, after, _, _ = run(layout, micro=micro, offload=offload, recompute=recompute, precision=precision,
-                                 overlap=False)
+                                 overlap=False, compile=compile)
             same_bits = all(torch.equal(a, b) for a, b in zip(parallel.tree.leaves(params), parallel.tree.leaves(after)))
-        gathered, async_gathers = gathered_layer_bytes_after_forward(layout, recompute)
-        gathered_bf16, _ = gathered_layer_bytes_after_forward(layout, recompute, compute_dtype=torch.bfloat16)
+        gathered, async_gathers = gathered_layer_bytes_after_forward(layout, recompute, compile=compile)
+        gathered_bf16, _ = gathered_layer_bytes_after_forward(layout, recompute, compute_dtype=torch.bfloat16,
+                                                              compile=compile)
         reshard = parallel.zero.needs_gather(layout)
-        bf16_same = bf16_grads_same_without_resharding(layout, recompute) if reshard else None
+        bf16_same = bf16_grads_same_without_resharding(layout, recompute, compile) if reshard else None
         grad_diff = max(((a - b).abs().max() / a.abs().max().clamp(min=1e-12)).item() for a, b in
                         zip(parallel.tree.leaves(ref_grads), parallel.tree.leaves(grads)))
         if mesh.rank == 0:

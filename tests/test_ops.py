@@ -360,6 +360,66 @@ def test_attention_on_dtensors_runs_the_kernel_on_local_blocks(tmp_path, monkeyp
         dist.destroy_process_group()
 
 
+@pytest.fixture
+def one_rank_mesh(tmp_path):
+    """A 2-D (dp, tp) mesh over one gloo process: DTensor placements without peers."""
+    dist = pytest.importorskip("torch.distributed")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental import implicit_replication
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already active")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        with implicit_replication():  # plain tables count as replicated, as in Layout.activate
+            yield init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "tp"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _record_kernel(monkeypatch, module, name, calls):
+    kernel = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(type(a[0]).__name__) or kernel(*a, **kw))
+
+
+def test_elementwise_ops_on_dtensors_run_the_kernel_on_local_blocks(one_rank_mesh, monkeypatch):
+    """rms_norm, rotary and swiglu on DTensors split where they act independently (rows; heads
+    for rotary) run the fused kernel on each rank's block and return a DTensor placed like
+    their input; a replicated weight gets a partial gradient over the mesh dims that split
+    the rows (each rank's share); other splits keep the reference math on DTensors."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    mesh, calls = one_rank_mesh, []
+    for module, name in (("ops.norm", "rms_norm_fused"), ("ops.rotary", "rotary_fused"), ("ops.swiglu", "swiglu_fused")):
+        _record_kernel(monkeypatch, importlib.import_module(module), name, calls)
+    x, w = torch.randn(2, 5, 16), 1 + 0.1 * torch.randn(16)
+    q = torch.randn(2, 5, 4, 16)
+    cos, sin = ops.rope_table(8, 16, 10000.0, torch.float32, "cpu")
+    cos, sin = cos[:5], sin[:5]
+    gate, up = torch.randn(2, 5, 24), torch.randn(2, 5, 24)
+    cases = [  # (op, inputs, placements of the first input, local?)
+        (lambda a, b, impl: ops.rms_norm(a, b, 1e-5, impl=impl), (x, w), [Shard(0), Shard(1)], True),
+        (lambda a, b, impl: ops.rms_norm(a, b, 1e-5, impl=impl), (x, w), [Replicate(), Shard(2)], False),
+        (lambda a, impl: ops.rotary(a, cos, sin, impl=impl), (q,), [Shard(0), Shard(2)], True),
+        (lambda a, impl: ops.rotary(a, cos, sin, impl=impl), (q,), [Replicate(), Shard(1)], False),
+        (lambda a, b, impl: ops.swiglu(a, b, impl=impl), (gate, up), [Shard(0), Shard(2)], True),
+    ]
+    for op, inputs, placements, local in cases:
+        ref_out, ref_g = _run(lambda *a: op(*a, impl="reference"), inputs, torch.ones_like(inputs[0]))
+        placed = [distribute_tensor(t, mesh, placements if t.dim() == inputs[0].dim() else [Replicate()] * 2)
+                  .requires_grad_() for t in inputs]
+        calls.clear()
+        out = op(*placed, impl="fused")
+        assert isinstance(out, DTensor) and out.placements == tuple(placements)
+        assert calls == (["Tensor"] if local else []), (placements, calls)
+        out.backward(distribute_tensor(torch.ones_like(inputs[0]), mesh, placements))
+        _close(out.full_tensor(), ref_out, TOL[torch.float32])
+        for leaf, want in zip(placed, ref_g):
+            _close(leaf.grad.full_tensor(), want, GRAD_TOL[torch.float32])
+        if local and len(inputs) == 2 and inputs[1].dim() == 1:  # the replicated norm weight
+            assert [p.is_partial() for p in placed[1].grad.placements] == [p.is_shard() for p in placements]
+
+
 # ----------------------------------------------------------------------------- cross_entropy
 
 
@@ -448,6 +508,118 @@ def test_cross_entropy_fused_under_torch_compile_matches_reference(dtype):
     for a, b in zip(g_f, g_r):
         assert a.abs().sum() > 0
         _close(a, b, GRAD_TOL[dtype])
+
+
+def test_cross_entropy_on_dtensors_runs_the_fused_kernel_per_rank(one_rank_mesh, monkeypatch):
+    """Rows split over a mesh dim (data parallel) and the weight's vocabulary split over another
+    (tensor parallel) run the fused loss on local blocks: a partial sum over the row split,
+    the whole loss over the vocabulary split. Other placements take the reference math."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    ce = importlib.import_module("ops.cross_entropy")
+    calls = []
+    _record_kernel(monkeypatch, ce, "cross_entropy_fused", calls)
+    hidden, weight, labels = _ce_inputs(12, 10, 8, torch.float32)
+    ref, n_ref = ops.cross_entropy(hidden, weight, labels, impl="reference")
+    for h_pl, w_pl, local in (([Shard(0), Replicate()], [Replicate(), Shard(0)], True),
+                              ([Shard(1), Replicate()], [Replicate(), Replicate()], False)):
+        calls.clear()
+        h = distribute_tensor(hidden, one_rank_mesh, h_pl)
+        w = distribute_tensor(weight, one_rank_mesh, w_pl)
+        lab = distribute_tensor(labels, one_rank_mesh, [p if p.is_replicate() else Shard(0) for p in h_pl])
+        loss, n = ops.cross_entropy(h, w, lab)
+        assert isinstance(loss, DTensor) and calls == (["Tensor"] if local else [])
+        if local:
+            assert [p.is_partial() for p in loss.placements] == [True, False]
+        _close(loss.full_tensor(), ref, dict(atol=1e-4, rtol=1e-5))
+        assert n.full_tensor().item() == n_ref.item()
+
+
+class _ThreadRanks:
+    """`torch.distributed.all_reduce` among threads, one per simulated rank of a group."""
+
+    def __init__(self, n: int):
+        import threading
+
+        self.n, self.barrier, self.slots = n, threading.Barrier(n), [None] * n
+        self.local = threading.local()
+
+    def all_reduce(self, t, op=None, group=None):
+        import torch.distributed as dist
+
+        self.slots[self.local.rank] = t.clone()
+        self.barrier.wait()
+        stacked = torch.stack(self.slots)
+        result = stacked.amax(0) if op == dist.ReduceOp.MAX else stacked.sum(0)
+        self.barrier.wait()  # every rank has read the slots before they are written again
+        t.copy_(result)
+
+    def run(self, fn):
+        """[fn(rank) for each rank], run concurrently."""
+        import threading
+
+        out = [None] * self.n
+
+        def one(rank):
+            self.local.rank = rank
+            out[rank] = fn(rank)
+
+        threads = [threading.Thread(target=one, args=(r,)) for r in range(self.n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return out
+
+
+@pytest.mark.parametrize("chunk", [5, None])
+def test_vocab_parallel_cross_entropy_matches_reference(monkeypatch, chunk):
+    """The weight's vocabulary split over two ranks (unevenly: 37 = 19 + 18, as DTensor splits):
+    every rank gets the whole loss, the hidden state's gradients add up over the ranks and each
+    weight block's gradient is its rows of the reference's, in training and in evaluation."""
+    import torch.distributed as dist
+
+    ce = importlib.import_module("ops.cross_entropy")
+    ranks = _ThreadRanks(2)
+    monkeypatch.setattr(dist, "all_reduce", ranks.all_reduce)
+    hidden, weight, labels = _ce_inputs(23, 37, 16, torch.float32)
+    h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref, n_ref = ops.cross_entropy(h_ref, w_ref, labels, impl="reference")
+    dh_ref, dw_ref = torch.autograd.grad(ref * 0.5, (h_ref, w_ref))
+    blocks = weight.chunk(2)
+
+    def rank_fn(rank):
+        h, w = hidden.clone().requires_grad_(), blocks[rank].clone().requires_grad_()
+        vocab = ce.VocabShard(None, rank * blocks[0].shape[0], blocks[0].shape[0])
+        loss, n = ce.cross_entropy_fused(h, w, labels, chunk_size=chunk, vocab=vocab)
+        with torch.no_grad():
+            evaluated, _ = ce.cross_entropy_fused(hidden, blocks[rank], labels, chunk_size=chunk, vocab=vocab)
+        return (loss.detach(), n, evaluated, *torch.autograd.grad(loss * 0.5, (h, w)))
+
+    results = ranks.run(rank_fn)
+    for loss, n, evaluated, _, _ in results:
+        _close(loss, ref, dict(atol=1e-4, rtol=1e-5))
+        _close(evaluated, ref, dict(atol=1e-4, rtol=1e-5))
+        assert n.item() == n_ref.item()
+    _close(sum(r[3] for r in results), dh_ref, GRAD_TOL[torch.float32])
+    _close(torch.cat([r[4] for r in results]), dw_ref, GRAD_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vocab_parallel_compiled_kernels_match_eager(dtype):
+    """Chunks of >= MIN_COMPILED_LOGITS logits run the vocabulary-parallel softmax pieces compiled."""
+    ce = importlib.import_module("ops.cross_entropy")
+    z = torch.randn(64, 300, dtype=dtype)
+    local = torch.randint(-50, 350, (64,))
+    valid = torch.rand(64) > 0.2
+    mine = valid & (local >= 0) & (local < 300)
+    top = z.float().amax(1, keepdim=True) + 0.5
+    _close(ce._vocab_sums_compiled(z, top, local, mine), ce._vocab_sums(z, top, local, mine), TOL[dtype])
+    lse = top + 2.0
+    a, b = z.clone(), z.clone()
+    ce._vocab_grad_compiled_(a, lse, local, mine, valid)
+    ce._vocab_grad_(b, lse, local, mine, valid)
+    _close(a, b, TOL[dtype])
 
 
 # ----------------------------------------------------------------------------- adamw

@@ -148,6 +148,39 @@ def test_pipeline_stages_split_the_layers_and_hold_the_embedding_at_both_ends_wh
             assert one[path].shape == leaf.shape, path
 
 
+def test_compiled_layers_on_a_mesh_refuse_selective_recomputation():
+    layout = Layout(Mesh({"dp": 2}, object(), "cpu"), sharding.RULES)  # a mesh of 2 (never used)
+    with pytest.raises(ValueError, match="selective"):
+        sharding.make_train_step(get_config("tiny"), optim.adamw(1e-3), layout, compile=True,
+                                 recompute="selective")
+
+
+def test_compiled_code_traces_activation_constraints(tmp_path):
+    """A compiled layer on a mesh calls `constrain`: torch.compile traces it without a graph break
+    (the active layout is a plain global the compiled code is guarded on) and places the
+    activation as eager code does (sequence parallelism: the sequence all-gathered)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already active")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        device_mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "tp"))
+        layout = Layout(Mesh({"dp": 1, "tp": 1}, device_mesh, "cpu"), sharding.RULES, sequence_parallel=True)
+        x = distribute_tensor(torch.randn(2, 4, 8), device_mesh, [S0, S1])  # model.RESIDUAL
+        fn = lambda t: parallel.constrain(t * 2, model.FULL_SEQ)
+        with layout.activate():
+            explained = torch._dynamo.explain(fn)(x)
+            compiled = torch.compile(fn, backend="eager", fullgraph=True)(x)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        assert compiled.placements == (S0, R)
+        torch.testing.assert_close(compiled.full_tensor(), x.full_tensor() * 2)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_sequence_parallel_needs_a_tp_axis():
     with pytest.raises(ValueError, match="tp axis"):
         fake_layout({"dp": 2}, sequence_parallel=True)
@@ -169,6 +202,10 @@ LAYOUTS_2 = {
     "tp=2;sp": ("(Shard(dim=0),)", "(Shard(dim=0),)"),
     "dp=2;zero=1;offload": ("(Replicate(),)", "(Shard(dim=1),)"),
     "dp=2;micro=2;fp16": ("(Replicate(),)", "(Replicate(),)"),
+    "dp=2;micro=2": ("(Replicate(),)", "(Replicate(),)"),
+    # each layer compiled (regional compilation; aot_eager: dynamo's capture through DTensor,
+    # ZeRO-3's gathers and resharding hooks, without code generation's minutes on 2 cores)
+    "fsdp=2;compile=aot_eager": ("(Shard(dim=1),)", "(Shard(dim=1),)"),
 }
 # pipeline layouts (tied embeddings unless untied): rank 0 holds the first stage's layers (of 4);
 # its placements are not shown
