@@ -25,13 +25,14 @@ import torch
 
 from aquila_fn import pytree
 from aquila_fn.model import leaf_seed
+from parallel.cli import UserError
 
 Params = dict
 Adapters = dict
 DEFAULT_TARGETS = r"attn\.(wq|wv)$"
 
 
-class LoraError(ValueError):
+class LoraError(UserError, ValueError):
     """A LoRA request that does not fit the parameters (no target matched, a non-matrix target)."""
 
 

@@ -23,6 +23,7 @@ import ops
 from aquila_fn import pytree
 from aquila_fn.config import ModelConfig
 from parallel import constrain
+from parallel.cli import UserError
 
 # Activation layouts for `parallel.constrain` (the identity without an active mesh): the residual
 # stream is split over the sequence under sequence parallelism; the inputs of the
@@ -34,7 +35,7 @@ Params = dict[str, Any]
 RECOMPUTE_POLICIES = ("none", "full", "selective")
 
 
-class TokenError(ValueError):
+class TokenError(UserError, ValueError):
     """A token id outside the model's vocabulary."""
 
 

@@ -23,8 +23,10 @@ import torch.distributed as dist
 import parallel
 from aquila_fn import model, train
 from aquila_fn.config import ModelConfig
+from parallel import cli
 from parallel.grads import GradReducer
 from parallel.layout import Layout, local_rows, local_value, shard_batch
+from parallel.mesh import MeshError
 from parallel.zero import ReshardAfterForward, compute_view, needs_gather
 
 # Megatron tensor parallelism: column-split q/k/v and gate/up (dim 0 = output features over
@@ -238,17 +240,17 @@ def plan_model(config_name: str, overrides: dict | None = None, precision: str =
 def add_arguments(parser) -> None:
     """The parallelism flags of scripts/pretrain.py."""
     a = parser.add_argument
-    a("--mesh", default=None, help="named mesh over the torchrun processes, e.g. dp=2,tp=2 "
+    a("--mesh", default=None, type=cli.mesh_spec, help="named mesh over the torchrun processes, e.g. dp=2,tp=2 "
       "(axes pp, dp, fsdp, tp; fsdp = ZeRO-3; one axis may be -1). Default: data parallel over all")
     a("--zero", type=int, choices=(0, 1, 2, 3), default=0,
       help="ZeRO stage over dp: 1 shards optimizer state, 2 also gradients, 3 also parameters")
     a("--sequence-parallel", action="store_true", help="split the norm regions' sequence over tp")
-    a("--virtual-stages", type=int, default=1, help="pipeline stages per pp rank (interleaved 1F1B)")
+    a("--virtual-stages", type=cli.positive_int, default=1, help="pipeline stages per pp rank (interleaved 1F1B)")
     a("--pp-schedule", choices=("gpipe", "1f1b", "interleaved"), default="1f1b",
       help="pipeline schedule (interleaved when --virtual-stages > 1)")
     a("--offload-optimizer", action="store_true",
       help="keep optimizer state and its update in host memory (ZeRO-Offload)")
-    a("--dist-timeout", type=float, default=parallel.mesh.DEFAULT_TIMEOUT_S,
+    a("--dist-timeout", type=cli.positive_float, default=parallel.mesh.DEFAULT_TIMEOUT_S,
       help="seconds before a stalled collective (dead or stuck peer) ends every process")
 
 
@@ -278,8 +280,8 @@ class ParallelSetup:
         if mesh.has("pp") or getattr(args, "virtual_stages", 1) > 1:
             setup.pipeline = _PipelineOptions.from_args(args, mesh, micro)
         if args.batch_size % (layout.data_size * micro):
-            raise ValueError(f"--batch-size {args.batch_size} does not split into {micro} micro-batches "
-                             f"on each of {layout.data_size} data-parallel ranks")
+            raise MeshError(f"--batch-size {args.batch_size} does not split into {micro} micro-batches "
+                            f"on each of {layout.data_size} data-parallel ranks")
         return setup
 
     @property
@@ -513,8 +515,8 @@ def make_pipeline(config: ModelConfig, seed: int, mesh: parallel.Mesh, *, zero: 
     from parallel.pipeline import Pipeline, rank_stages
 
     if config.tie_embeddings:
-        raise ValueError("pipeline parallelism needs untied embeddings (tie_embeddings=False): the "
-                         "first and last stages would share one matrix")
+        raise MeshError("pipeline parallelism needs untied embeddings (tie_embeddings=False): the "
+                        "first and last stages would share one matrix")
     pp = mesh.size("pp")
     layout = make_layout(mesh.without("pp"), zero=zero, sequence_parallel=sequence_parallel)
     n_stages = pp * virtual_stages
@@ -592,10 +594,10 @@ class _PipelineOptions:
     def from_args(cls, args, mesh: parallel.Mesh, micro_batches: int) -> "_PipelineOptions":
         precision = train.default_precision("cpu") if args.precision == "auto" else args.precision
         if precision == "fp16":
-            raise ValueError("pipeline parallelism runs bf16 or fp32 (fp16 loss scaling is not wired "
-                             "through the pipeline schedules)")
+            raise MeshError("pipeline parallelism runs bf16 or fp32 (fp16 loss scaling is not wired "
+                            "through the pipeline schedules)")
         if not mesh.has("pp"):
-            raise ValueError("--virtual-stages needs a pp axis in --mesh (e.g. --mesh pp=2)")
+            raise MeshError("--virtual-stages needs a pp axis in --mesh (e.g. --mesh pp=2)")
         schedule = "interleaved" if args.virtual_stages > 1 else args.pp_schedule
         return cls(mesh, args.virtual_stages, schedule, micro_batches, precision, args.recompute,
                    getattr(args, "impl", "auto"))

@@ -14,10 +14,9 @@ from dist_launch import ROOT, TESTS, results, torchrun
 from aquila_fn.config import get_config
 
 CASES = ["tp=2/0/0/none", "tp=2/0/1/none", "dp=2/1/0/selective", "dp=2/2/0/none", "dp=2/3/0/none"]
-# the plan's share of the real bytes, at least (gloo's staging varies from run to run). Under
-# ZeRO-3 gloo's all-gathers keep about one gathered copy of the weights (~12 MiB here) that the
-# plan does not have, with or without recomputation; the forward itself keeps no gathered weight.
-LOWER_BOUND = {"tp=2/0/0/none": 0.9, "tp=2/0/1/none": 0.7, "dp=2/3/0/none": 0.4}
+# What the real forward leaves allocated also holds what the plan does not count: the autograd
+# graph's own nodes and malloc's bookkeeping (0.4 MiB on these runs, the same from run to run).
+GRAPH_OVERHEAD = 1 << 20
 BATCH, SEQ = "4", "64"
 
 
@@ -42,15 +41,11 @@ def test_plan_matches_real_allocations_and_traffic(planned_and_measured, case):
     # the blocks a rank holds: exact
     for key in ("params_bytes", "grads_bytes", "optimizer_bytes"):
         assert plan[key] == real[key], (case, key, plan[key], real[key])
-    # activations: what the real forward allocated and had not freed when it returned (the
-    # profiler's allocation records, independent of the planner's meter). Exact where the
-    # forward has no collectives; with tensor/sequence parallelism and ZeRO-3, gloo's collectives keep
-    # staging buffers alive that meta tensors do not have, so there the plan is a lower bound.
+    # activations: what the real forward allocated and had not freed when it returned (malloc's
+    # count over all threads once every collective has finished; independent of the planner's
+    # meter), for every layout, collectives and ZeRO-3 re-gathers included
     act, real_act = plan["activation_bytes"], real["forward_retained_bytes"]
-    if case in LOWER_BOUND:
-        assert LOWER_BOUND[case] * real_act <= act <= real_act * 1.02, (case, act, real_act)
-    else:
-        assert act == pytest.approx(real_act, rel=0.02), (case, act, real_act)
+    assert real_act - GRAPH_OVERHEAD <= act <= real_act, (case, act, real_act)
     # bytes sent by every collective of a real training step (it also reduces the loss and
     # token counts for its metrics: a few bytes the plan leaves out)
     assert real["comm_sent_bytes"] == pytest.approx(plan["comm_sent_bytes"], rel=0.02), case
