@@ -150,7 +150,8 @@ def check_tokens(tokens: torch.Tensor, vocab_size: int) -> None:
     lo, hi = int(tokens.min()), int(tokens.max())
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi
-        raise TokenError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+        raise TokenError(f"token id {bad} is outside the model's vocabulary [0, {vocab_size}); "
+                         f"were the ids made with another tokenizer?")
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor | dict) -> torch.Tensor:

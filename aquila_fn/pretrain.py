@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--save-every", type=cli.nonnegative_int, default=0, help="checkpoint every N steps (0: only at the end)")
     a("--keep", type=cli.positive_int, default=2, help="checkpoints to keep")
     a("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    a("--eval-every", type=cli.nonnegative_int, default=d["eval_every"], help="validation every N steps (0: only at the end)")
+    a("--eval-every", type=cli.nonnegative_int, default=d["eval_every"],
+      help="validation every N steps (0: only at the end)")
     a("--eval-iters", type=cli.nonnegative_int, default=8, help="validation micro-batches per evaluation")
     a("--peak-tflops", type=cli.positive_float, default=None, help="peak FLOP/s for MFU (default: device table)")
     a("--samples", type=cli.nonnegative_int, default=3, help="texts to generate at the end")

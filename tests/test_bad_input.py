@@ -109,6 +109,9 @@ def _write_bad_models(d: Path) -> None:
             builder.add_document(list(range(1, 30 + n)))
     idx = Path(f"{prefix}.idx")
     idx.write_bytes(idx.read_bytes()[:-7])
+    with IndexedDatasetBuilder(d / "idx_oov", np.uint16) as builder:  # ids past a 512-token vocabulary
+        for n in range(20):
+            builder.add_document([500 + (13 * i + n) % 500 for i in range(40)])
     del torch
 
 
@@ -121,6 +124,12 @@ def bad(tmp_path_factory) -> Path:
 
 def _digest(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _stats(root: Path) -> dict[str, tuple]:
+    """Size and modification time of the shipped assets (a write changes them; cheaper than hashing)."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
@@ -154,9 +163,12 @@ CASES = {
     "pretrain-empty-data": C("pretrain", f"{PRETRAIN} --data {{bad}}/empty.txt --out {{out}}/r", "empty.txt"),
     "pretrain-blank-data": C("pretrain", f"{PRETRAIN} --data {{bad}}/blank.txt --out {{out}}/r", "blank.txt"),
     "pretrain-missing-data": C("pretrain", f"{PRETRAIN} --data {{bad}}/nope.txt --out {{out}}/r", "nope.txt"),
-    "pretrain-latin1-data": C("pretrain", f"{PRETRAIN} --data {{bad}}/latin1.txt --out {{out}}/r", "latin1.txt", "UTF-8"),
+    "pretrain-latin1-data": C("pretrain", f"{PRETRAIN} --data {{bad}}/latin1.txt --out {{out}}/r",
+                              "latin1.txt", "UTF-8"),
     "pretrain-truncated-index": C("pretrain", f"{PRETRAIN} --data {{bad}}/idx_truncated --out {{out}}/r",
                                   "idx_truncated.idx", "truncated"),
+    "pretrain-out-of-vocabulary-data": C("pretrain", f"{PRETRAIN} --data {{bad}}/idx_oov --out {{out}}/r",
+                                         "outside the model's vocabulary", "512"),
     "pretrain-config-missing-fields": C("pretrain", f"{PRETRAIN} --config {{bad}}/cfg_missing.json --out {{out}}/r",
                                         "cfg_missing.json", "n_layers"),
     "pretrain-config-bad-json": C("pretrain", f"{PRETRAIN} --config {{bad}}/cfg_badjson.json --out {{out}}/r",
@@ -232,7 +244,8 @@ CASES = {
     # ---- evaluate
     "evaluate-unknown-task": C("evaluate", f"{EVAL} --task nope --data {{bad}}/empty.txt", "nope"),
     "evaluate-missing-data": C("evaluate", f"{EVAL} --task boolq --data {{bad}}/nope.jsonl", "nope.jsonl"),
-    "evaluate-malformed-record": C("evaluate", f"{EVAL} --task boolq --data {{bad}}/boolq_bad.jsonl", "boolq_bad.jsonl:2"),
+    "evaluate-malformed-record": C("evaluate", f"{EVAL} --task boolq --data {{bad}}/boolq_bad.jsonl",
+                                   "boolq_bad.jsonl:2"),
     "evaluate-record-missing-field": C("evaluate", f"{EVAL} --task boolq --data {{bad}}/boolq_missing.jsonl",
                                        "boolq_missing.jsonl", "passage"),
     "evaluate-latin1-data": C("evaluate", f"{EVAL} --task boolq --data {{bad}}/latin1.jsonl", "latin1.jsonl", "UTF-8"),
@@ -296,7 +309,8 @@ CASES = {
                                 "existing_file"),
     "convert-dest-not-writable": C("convert_checkpoint", "{assets}/stories260K.bin /proc/aquila-out", "/proc"),
     "convert-wrong-forced-format": C("convert_checkpoint", "--from llama2c {bad}/native {out}/c", "native"),
-    "convert-bad-shard-size": C("convert_checkpoint", "{bad}/hf {out}/c --to hf --max-shard-size 0", "--max-shard-size"),
+    "convert-bad-shard-size": C("convert_checkpoint", "{bad}/hf {out}/c --to hf --max-shard-size 0",
+                                "--max-shard-size"),
     # ---- python -m parallel.plan
     "plan-mesh-zero": C("plan", "--config tiny --mesh dp=0", "dp=0"),
     "plan-mesh-not-a-number": C("plan", f"{PLAN} --mesh dp=two --batch-size 4 --seq-len 16", "two"),
@@ -333,14 +347,14 @@ def _error_line(err: str) -> str:
 @pytest.mark.parametrize("name", CASES)
 def test_bad_input_is_one_clear_line(name, bad, tmp_path, capsys):
     case = CASES[name]
-    before = _digest(bad)
+    before = _digest(bad), _stats(ASSETS)
     with pytest.raises(SystemExit) as exc:
         _main(case.script)(case.args(bad, tmp_path))
     assert exc.value.code == 2
     line = _error_line(capsys.readouterr().err)
     for word in case.words:
         assert word in line, line
-    assert _digest(bad) == before  # nothing the user had was changed
+    assert (_digest(bad), _stats(ASSETS)) == before  # nothing the user had was changed
 
 
 def test_the_corpus_covers_every_script():
