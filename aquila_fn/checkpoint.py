@@ -432,7 +432,7 @@ def _check_record(meta: Any, path: Path, what: str, file_size: int) -> None:
                               f"{meta['dtype']} holds {need}")
     if need > file_size:
         raise CheckpointError(f"{path}: {what} declares {need} bytes, more than the whole file "
-                              f"({file_size} bytes)")
+                              f"({file_size} bytes): truncated or corrupt")
     if not _is_int(meta["chunks"]) or meta["chunks"] > need or (need and not meta["chunks"]):
         raise CheckpointError(f"{path}: {what} declares {meta['chunks']!r} chunks for {need} bytes")
 

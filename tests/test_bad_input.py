@@ -379,7 +379,6 @@ def test_a_bug_keeps_its_traceback(bad, monkeypatch):
 REAL_PROCESS = [
     (["scripts/generate.py", "--model", "{bad}/nope.bin"], "nope.bin"),
     (["scripts/pretrain.py", "--config", "{bad}/cfg_missing.json", "--out", "{out}/r"], "cfg_missing.json"),
-    (["scripts/convert_checkpoint.py", "{bad}/junk.jsonl", "{out}/c"], "junk.jsonl"),
     (["-m", "parallel.plan", "--config", "tiny", "--mesh", "dp=0"], "dp=0"),
 ]
 
