@@ -340,8 +340,11 @@ _SPLIT_NAMES = {"train": 0, "valid": 1, "validation": 1, "val": 1, "test": 2}
 
 def parse_split(split: str | Sequence[float]) -> list[float]:
     """'969,30,1' -> normalised [train, valid, test] weights (Megatron's split string)."""
-    parts = [float(s) for s in (split.replace("/", ",").split(",") if isinstance(split, str) else split)]
-    if not parts or len(parts) > 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+    try:
+        parts = [float(s) for s in (split.replace("/", ",").split(",") if isinstance(split, str) else split)]
+    except ValueError:
+        parts = []
+    if not parts or len(parts) > 3 or not all(0 <= p < float("inf") for p in parts) or sum(parts) <= 0:
         raise DataError(f"bad split {split!r}: want up to three non-negative weights like '969,30,1'")
     parts += [0.0] * (3 - len(parts))
     total = sum(parts)

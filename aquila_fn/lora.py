@@ -37,7 +37,11 @@ class LoraError(UserError, ValueError):
 
 
 def _pattern(targets: str | Sequence[str]) -> re.Pattern:
-    return re.compile(targets if isinstance(targets, str) else "|".join(f"(?:{t})" for t in targets))
+    text = targets if isinstance(targets, str) else "|".join(f"(?:{t})" for t in targets)
+    try:
+        return re.compile(text)
+    except re.error as e:
+        raise LoraError(f"LoRA targets {text!r} are not a regular expression ({e})") from None
 
 
 def target_paths(params: Params, targets: str | Sequence[str] = DEFAULT_TARGETS) -> list[str]:

@@ -129,6 +129,8 @@ def convert(args) -> None:
     src, dst = Path(args.source), Path(args.dest)
     if not src.exists():
         raise cli.UserError(f"{src} does not exist")
+    if args.tokenizer and not Path(args.tokenizer).exists():
+        raise cli.UserError(f"--tokenizer {args.tokenizer} does not exist")
     cli.check_output_dir(dst, "dest")
     src_format = args.src_format or detect_format(src)
     dst_format = args.dst_format or ("hf" if src_format == "native" else "native")

@@ -22,7 +22,7 @@ import torch
 
 from aquila_fn.generate import (AQUILA_STOP, DEFAULT_MODEL, Decoder, aquila_chat_prompt,
                                 completion_text, load_model)
-from aquila_fn.files import read_text
+from aquila_fn.files import read_text, utf8_errors
 from aquila_fn.sampling import SamplingParams
 from parallel import cli
 
@@ -217,7 +217,8 @@ def run(args) -> None:
     decoder, tok = build(args)
     with torch.no_grad():
         if args.interactive:
-            interactive(args, decoder, tok, sys.stdin, sys.stdout, sys.stderr)
+            with utf8_errors("<stdin>"):
+                interactive(args, decoder, tok, sys.stdin, sys.stdout, sys.stderr)
         else:
             complete(args, decoder, tok, texts, sys.stdout, sys.stderr, args.stop)
 

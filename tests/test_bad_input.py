@@ -8,6 +8,7 @@ seconds); `test_the_boundary_in_a_real_process` runs a few as real processes.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -205,6 +206,9 @@ CASES = {
                                           "--micro-batch-size 3"),
     "pretrain-bad-override": C("pretrain", f"{PRETRAIN} --model-overrides dim=wide --out {{out}}/r", "dim=wide"),
     "pretrain-unknown-override": C("pretrain", f"{PRETRAIN} --model-overrides depth=3 --out {{out}}/r", "depth"),
+    "pretrain-bad-split": C("pretrain", f"{PRETRAIN} --split 9,one,1 --out {{out}}/r", "9,one,1"),
+    "pretrain-heads-not-dividing": C("pretrain", f"{PRETRAIN} --model-overrides n_heads=3 --out {{out}}/r",
+                                     "n_heads=3"),
     "pretrain-mesh-zero": C("pretrain", f"{PRETRAIN} --mesh dp=0 --out {{out}}/r", "--mesh", "dp=0"),
     "pretrain-mesh-unknown-axis": C("pretrain", f"{PRETRAIN} --mesh ep=2 --out {{out}}/r", "'ep'"),
     "pretrain-mesh-without-torchrun": C("pretrain", f"{PRETRAIN} --mesh tp=2 --out {{out}}/r", "tp=2", "1 process"),
@@ -275,6 +279,8 @@ CASES = {
                                 "--out {out}/ft", "--lora-rank"),
     "finetune-zero-steps": C("finetune", f"{FT} --data {{assets}}/alpaca_data_1k.json --steps 0 --out {{out}}/ft",
                              "--steps"),
+    "finetune-bad-target-regex": C("finetune", f"{FT} --data {{assets}}/alpaca_data_1k.json --lora-targets ( "
+                                   "--out {out}/ft", "'('", "regular expression"),
     "finetune-out-is-a-file": C("finetune", f"{FT} --data {{assets}}/alpaca_data_1k.json --out {{bad}}/existing_file",
                                 "existing_file"),
     "finetune-junk-model": C("finetune", "--model {bad}/truncated.bin --data {assets}/alpaca_data_1k.json "
@@ -309,6 +315,8 @@ CASES = {
                                 "existing_file"),
     "convert-dest-not-writable": C("convert_checkpoint", "{assets}/stories260K.bin /proc/aquila-out", "/proc"),
     "convert-wrong-forced-format": C("convert_checkpoint", "--from llama2c {bad}/native {out}/c", "native"),
+    "convert-missing-tokenizer": C("convert_checkpoint", "{assets}/stories260K.bin {out}/c --tokenizer {bad}/nope",
+                                   "nope"),
     "convert-bad-shard-size": C("convert_checkpoint", "{bad}/hf {out}/c --to hf --max-shard-size 0",
                                 "--max-shard-size"),
     # ---- python -m parallel.plan
@@ -362,6 +370,14 @@ def test_the_corpus_covers_every_script():
     assert scripts == {"pretrain", "generate", "evaluate", "finetune", "preprocess_data",
                        "convert_checkpoint", "plan"}
     assert len(CASES) >= 60
+
+
+def test_non_utf8_chat_input_is_one_clear_line(monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"Hello\ncaf\xe9\n"), encoding="utf-8"))
+    with pytest.raises(SystemExit) as exc:
+        load_script("generate").main(["--interactive", "--max-new-tokens", "2"])
+    assert exc.value.code == 2
+    assert "<stdin>: not UTF-8 text" in _error_line(capsys.readouterr().err)
 
 
 def test_a_bug_keeps_its_traceback(bad, monkeypatch):
