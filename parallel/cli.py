@@ -81,8 +81,8 @@ def user_errors(prog: str | None = None) -> Iterator[None]:
 def fail(prog: str, message: str) -> NoReturn:
     """Print `prog: error: message` (once per distributed run) and exit with status 2."""
     line = f"{prog}: error: {message}\n"
+    sys.stdout.flush()  # what the job printed before comes first (os._exit below skips flushing)
     if _first_to_report(line):
-        sys.stdout.flush()
         sys.stderr.write(line)
         sys.stderr.flush()
     else:

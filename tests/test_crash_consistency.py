@@ -90,12 +90,39 @@ def _records(out: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def reference(runner, data_prefix, tmp_path_factory):
-    """An uninterrupted run: its metrics and its wall time (to spread the random kills over)."""
+    """An uninterrupted run: its metrics, and how long a step (with its save) takes."""
     out = tmp_path_factory.mktemp("reference")
-    start = time.monotonic()
     pid, log = runner.start([*ARGS, "--data", data_prefix, "--out", str(out)])
     assert runner.wait(pid) == 0, log.read_text()[-3000:]
-    return _records(out), time.monotonic() - start
+    times = sorted(json.loads(line)["step_time"] for line in (out / "metrics.jsonl").read_text().splitlines())
+    return _records(out), times[len(times) // 2]
+
+
+def _last_step(metrics: Path) -> int:
+    try:
+        lines = metrics.read_text().splitlines()
+        return json.loads(lines[-1])["step"] if lines else 0
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or a line being written
+        return 0
+
+
+def _alive(pid: int) -> bool:
+    """Whether the child still runs (a finished one is a zombie until the worker reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _kill_at_a_random_moment(pid: int, out: Path, rng: random.Random, step_s: float) -> None:
+    """SIGKILL once the run has logged a random step, after a random part of the next few steps
+    (so the moment falls anywhere: setup, a step, a save, the metrics log). Waiting for a step
+    rather than a fixed delay keeps the kill inside the run however loaded the machine is."""
+    target = rng.randint(1, STEPS - 1)
+    while _alive(pid) and _last_step(out / "metrics.jsonl") < target:
+        time.sleep(0.002)
+    time.sleep(rng.uniform(0.0, 3 * step_s + 0.01))
+    os.kill(pid, signal.SIGKILL)
 
 
 def _check_visible_checkpoints(ckpt_dir: Path) -> int:
@@ -129,7 +156,7 @@ def _failpoint(rng: random.Random, at: str) -> dict | None:
 
 
 def test_killed_runs_resume_to_the_same_losses(runner, data_prefix, reference, tmp_path):
-    want, wall_s = reference
+    want, step_s = reference
     rng = random.Random(int(os.environ.get("AQUILA_CRASH_SEED", "20")))
     plan = _kill_plan(rng, KILLS)
     kills, corrupt, landed, chains, runs = 0, 0, {}, 0, 0
@@ -143,8 +170,7 @@ def test_killed_runs_resume_to_the_same_losses(runner, data_prefix, reference, t
             kind = plan[0] if plan else None
             pid, log = runner.start(argv, _failpoint(rng, kind) if kind else None)
             if kind == "random":
-                time.sleep(rng.uniform(0.0, wall_s))
-                os.kill(pid, signal.SIGKILL)
+                _kill_at_a_random_moment(pid, out, rng, step_s)
             code = runner.wait(pid)
             if code == 0:
                 if plan:
