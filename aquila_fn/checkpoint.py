@@ -35,6 +35,7 @@ and global_shape == shape.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import re
 import shutil
@@ -47,6 +48,7 @@ from typing import Any, Callable, Iterator
 import msgpack
 import numpy as np
 import torch
+from parallel.cli import UserError
 
 __all__ = [
     "CheckpointError", "LocalShard", "save_checkpoint", "load_checkpoint", "load_latest",
@@ -61,7 +63,7 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 _RANK_FILE = re.compile(r"^rank(\d{5})\.msgpack$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be written or read; the message names the file and the problem."""
 
 
@@ -98,9 +100,9 @@ def _encode_structure(tree: Any, path: str, leaves: list) -> Any:
     if isinstance(tree, dict):
         items = {}
         for k, v in tree.items():
-            if not isinstance(k, str) or "." in k or not k:
+            if not isinstance(k, str) or not k or any(c in k for c in "./\\\0"):
                 raise CheckpointError(f"state key {k!r} under {path or '<root>'!r} must be a "
-                                      f"non-empty string without dots")
+                                      f"non-empty string without dots, slashes or NUL")
             items[k] = _encode_structure(v, f"{path}.{k}" if path else k, leaves)
         return {"t": "dict", "items": items}
     if isinstance(tree, (list, tuple)):
@@ -316,19 +318,25 @@ def _read_header(unpacker: msgpack.Unpacker, path: Path) -> dict:
     if not isinstance(raw, bytes) or zlib.crc32(raw) != first.get("crc32"):
         raise CheckpointError(f"{path}: header checksum mismatch (corrupt header)")
     try:
-        return msgpack.unpackb(raw, raw=False, strict_map_key=False)
-    except Exception as e:
-        raise CheckpointError(f"{path}: corrupt header ({e})") from None
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    except Exception as e:  # malformed msgpack bytes: FormatError, StackError (deep nesting), ...
+        raise CheckpointError(f"{path}: corrupt header ({type(e).__name__}{f': {e}' if str(e) else ''})") from None
+    _check_header(header, path)
+    return header
 
 
-def _read_record(unpacker: msgpack.Unpacker, path: Path, index: int) -> tuple[dict, Any]:
+def _read_record(unpacker: msgpack.Unpacker, path: Path, index: int, file_size: int) -> tuple[dict, Any]:
     what = f"leaf record {index}"
     rec = _next(unpacker, path, what)
     if not isinstance(rec, dict) or not isinstance(rec.get("meta"), bytes):
         raise CheckpointError(f"{path}: corrupt ({what} is malformed)")
     if zlib.crc32(rec["meta"]) != rec.get("crc32"):
         raise CheckpointError(f"{path}: checksum mismatch in the description of {what}")
-    meta = msgpack.unpackb(rec["meta"], raw=False)
+    try:
+        meta = msgpack.unpackb(rec["meta"], raw=False)
+    except Exception as e:
+        raise CheckpointError(f"{path}: corrupt description of {what} ({e})") from None
+    _check_record(meta, path, what, file_size)  # before a byte of it is allocated
     what = f"leaf {meta['path']!r}"
     buf = bytearray(meta["nbytes"])
     filled, crc = 0, 0
@@ -350,6 +358,85 @@ def _read_record(unpacker: msgpack.Unpacker, path: Path, index: int) -> tuple[di
     return meta, value
 
 
+# ----------------------------------------------------------------------------------------------
+# What a file declares is checked before it is believed: a damaged or hostile file must not make
+# the reader allocate the sizes it claims, recurse without bound, or name leaves like paths.
+
+_MAX_DEPTH = 64
+_RECORD_KEYS = ("path", "kind", "dtype", "shape", "global_shape", "offsets", "nbytes", "crc32", "chunks")
+
+
+def _is_int(x: Any, low: int = 0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+def _check_leaf_path(name: Any, path: Path) -> None:
+    if not isinstance(name, str) or not all(part and not any(c in part for c in "/\\\0")
+                                            for part in name.split(".")):
+        raise CheckpointError(f"{path}: corrupt (leaf path {name!r} is not a dotted name; its parts "
+                              f"may not be empty or hold '/', '\\' or NUL)")
+
+
+def _check_header(header: Any, path: Path) -> None:
+    ok = (isinstance(header, dict) and all(_is_int(header.get(k)) for k in ("step", "rank", "records"))
+          and _is_int(header.get("world_size"), 1) and isinstance(header.get("metadata"), dict)
+          and isinstance(header.get("structure"), dict))
+    if not ok or header["rank"] >= header["world_size"]:
+        raise CheckpointError(f"{path}: corrupt header (fields missing or of the wrong type)")
+    stack = [(header["structure"], 0)]
+    while stack:  # iterative: a hostile depth cannot exhaust the interpreter's stack
+        node, depth = stack.pop()
+        if depth > _MAX_DEPTH:
+            raise CheckpointError(f"{path}: corrupt header (the state is nested deeper than {_MAX_DEPTH} levels)")
+        kind = node.get("t") if isinstance(node, dict) else None
+        items = node.get("items") if isinstance(node, dict) else None
+        if kind == "leaf":
+            _check_leaf_path(node.get("path"), path)
+        elif kind == "dict" and isinstance(items, dict) or kind in ("list", "tuple") and isinstance(items, list):
+            stack.extend((child, depth + 1) for child in (items.values() if kind == "dict" else items))
+        elif kind != "value" or "v" not in node:
+            raise CheckpointError(f"{path}: corrupt header (malformed structure node at depth {depth})")
+
+
+def _itemsize(kind: Any, dtype: Any) -> int | None:
+    if not isinstance(dtype, str):
+        return None
+    if kind == "numpy":
+        try:
+            return np.dtype(dtype).itemsize
+        except TypeError:
+            return None
+    tdtype = getattr(torch, dtype, None) if kind == "torch" else None
+    return tdtype.itemsize if isinstance(tdtype, torch.dtype) else None
+
+
+def _check_record(meta: Any, path: Path, what: str, file_size: int) -> None:
+    """A leaf's description must be self-consistent, and its bytes must fit in the file."""
+    if not isinstance(meta, dict) or any(k not in meta for k in _RECORD_KEYS):
+        raise CheckpointError(f"{path}: corrupt (the description of {what} lacks fields)")
+    _check_leaf_path(meta["path"], path)
+    what = f"leaf {meta['path']!r}"
+    itemsize = _itemsize(meta["kind"], meta["dtype"])
+    if itemsize is None:
+        raise CheckpointError(f"{path}: {what} has an unknown dtype {meta['kind']}:{meta['dtype']!r}")
+    shape, full, offsets = meta["shape"], meta["global_shape"], meta["offsets"]
+    if not all(isinstance(x, list) and all(_is_int(n) for n in x) for x in (shape, full, offsets)) \
+            or not len(shape) == len(full) == len(offsets):
+        raise CheckpointError(f"{path}: {what} has a malformed shape {shape}, global shape {full} or "
+                              f"offsets {offsets}")
+    if any(o + n > g for o, n, g in zip(offsets, shape, full)):
+        raise CheckpointError(f"{path}: {what}: a block of shape {shape} at {offsets} lies outside {full}")
+    need = math.prod(shape) * itemsize
+    if meta["nbytes"] != need:
+        raise CheckpointError(f"{path}: {what} declares {meta['nbytes']} bytes, its shape {shape} of "
+                              f"{meta['dtype']} holds {need}")
+    if need > file_size:
+        raise CheckpointError(f"{path}: {what} declares {need} bytes, more than the whole file "
+                              f"({file_size} bytes): truncated or corrupt")
+    if not _is_int(meta["chunks"]) or meta["chunks"] > need or (need and not meta["chunks"]):
+        raise CheckpointError(f"{path}: {what} declares {meta['chunks']!r} chunks for {need} bytes")
+
+
 def read_state_file(path: str | os.PathLike) -> tuple[dict, list[tuple[dict, Any]]]:
     """(header, [(record meta, local tensor), ...]) of one rank file, all checksums verified."""
     path = Path(path)
@@ -358,7 +445,8 @@ def read_state_file(path: str | os.PathLike) -> tuple[dict, list[tuple[dict, Any
     with open(path, "rb") as f:
         unpacker = _unpacker(f)
         header = _read_header(unpacker, path)
-        records = [_read_record(unpacker, path, i) for i in range(header["records"])]
+        size = os.fstat(f.fileno()).st_size
+        records = [_read_record(unpacker, path, i, size) for i in range(header["records"])]
         end = _next(unpacker, path, "the end marker")
         if not isinstance(end, dict) or not end.get("end") or end.get("records") != header["records"]:
             raise CheckpointError(f"{path}: corrupt end marker")
@@ -414,21 +502,30 @@ def _assemble(path_name: str, pieces: list[tuple[dict, Any]], where: Path, hint:
         return value
     if meta["kind"] != "torch":
         raise CheckpointError(f"{where}: numpy leaf {path_name!r} is sharded; only tensors can be")
-    full = torch.empty(global_shape, dtype=value.dtype)
-    seen, covered = set(), 0
+    blocks = {}
     for m, block in pieces:
         if list(m["global_shape"]) != global_shape or m["dtype"] != meta["dtype"]:
             raise CheckpointError(f"{where}: shards of {path_name!r} disagree on shape or dtype")
-        index = tuple(slice(o, o + s) for o, s in zip(m["offsets"], m["shape"]))
-        full[index] = block
-        key = (tuple(m["offsets"]), tuple(m["shape"]))
-        if key not in seen:  # identical replicas count once
-            seen.add(key)
-            covered += block.numel()
-    if covered != full.numel():
-        raise CheckpointError(f"{where}: shards of {path_name!r} cover {covered} of "
-                              f"{full.numel()} elements{hint or ' (a rank file is missing?)'}")
+        blocks[(tuple(m["offsets"]), tuple(m["shape"]))] = block  # identical replicas count once
+    # the blocks must tile the tensor exactly before it is allocated (at most the bytes read)
+    covered, total = sum(math.prod(shape) for _, shape in blocks), math.prod(global_shape)
+    if covered != total or _overlapping(list(blocks)):
+        raise CheckpointError(f"{where}: shards of {path_name!r} cover {covered} of {total} elements"
+                              f"{' with overlaps' if covered == total else ''}"
+                              f"{hint or ' (a rank file is missing?)'}")
+    full = torch.empty(global_shape, dtype=value.dtype)
+    for (offsets, shape), block in blocks.items():
+        full[tuple(slice(o, o + n) for o, n in zip(offsets, shape))] = block
     return full
+
+
+def _overlapping(boxes: list[tuple[tuple, tuple]]) -> bool:
+    """Whether two of the (offsets, shape) boxes share an element."""
+    for i, (oa, sa) in enumerate(boxes):
+        for ob, sb in boxes[i + 1:]:
+            if all(max(a, b) < min(a + m, b + n) for a, m, b, n in zip(oa, sa, ob, sb)):
+                return True
+    return False
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device | None = "cpu") -> tuple[Any, dict]:
@@ -499,10 +596,12 @@ def load_latest(directory: str | os.PathLike, *, map_location: str | torch.devic
     for _, path in reversed(found):
         try:
             state, meta = load_checkpoint(path, map_location=map_location)
-            return os.fspath(path), state, meta
         except CheckpointError as e:
-            warnings.warn(f"skipping damaged checkpoint {path}: {e}", stacklevel=2)
             errors.append(str(e))
+            continue
+        if errors:  # said once, and only when an older checkpoint is taken instead
+            warnings.warn(f"skipped damaged checkpoint(s), loading {path}: {'; '.join(errors)}", stacklevel=2)
+        return os.fspath(path), state, meta
     if errors:
         raise CheckpointError(f"{directory}: no loadable checkpoint; " + "; ".join(errors))
     return None

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
+from aquila_fn.files import read_json
+from parallel.cli import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """An invalid configuration; the message names the field and the value."""
 
 
@@ -32,8 +34,15 @@ class ModelConfig:
     def __post_init__(self):
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"config field {name}={value!r} must be a positive integer")
+        for name in ("norm_eps", "rope_theta", "init_std"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ConfigError(f"config field {name}={value!r} must be a number")
+        for name in ("tie_embeddings", "vocab_pinned"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"config field {name}={getattr(self, name)!r} must be true or false")
         if self.dim % self.n_heads:
             raise ConfigError(f"config field n_heads={self.n_heads} does not divide dim={self.dim}")
         if self.n_heads % self.n_kv_heads:
@@ -83,11 +92,25 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config is an object of fields, got {type(d).__name__}")
+        fields = dataclasses.fields(cls)
+        unknown = set(d) - {f.name for f in fields}
         if unknown:
             raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+        missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in d]
+        if missing:
+            raise ConfigError(f"config lacks field(s): {', '.join(missing)}")
         return cls(**d)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "ModelConfig":
+        """From a JSON file: `to_dict()`'s fields or a Hugging Face config.json."""
+        raw = read_json(path, ConfigError)
+        try:
+            return cls.from_hf(raw) if "hidden_size" in raw else cls.from_dict(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{os.fspath(path)}: {e}") from None
 
     @classmethod
     def from_hf(cls, source: str | os.PathLike | dict) -> "ModelConfig":
@@ -96,13 +119,9 @@ class ModelConfig:
             hf = source
         else:
             path = os.path.join(source, "config.json") if os.path.isdir(source) else os.fspath(source)
-            try:
-                with open(path) as f:
-                    hf = json.load(f)
-            except FileNotFoundError:
-                raise ConfigError(f"no Hugging Face config at {path}") from None
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path} is not valid JSON: {e}") from None
+            if not os.path.isfile(path):
+                raise ConfigError(f"no Hugging Face config at {path}")
+            hf = read_json(path, ConfigError)
         missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                "intermediate_size", "vocab_size") if k not in hf]
         if missing:
@@ -119,7 +138,7 @@ class ModelConfig:
             vocab_size=hf["vocab_size"],
             max_seq_len=hf.get("max_position_embeddings", 2048),
             norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            rope_theta=_float(hf.get("rope_theta", 10000.0)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             init_std=hf.get("initializer_range", 0.02),
             vocab_pinned=True,
@@ -169,6 +188,11 @@ PRESETS: dict[str, ModelConfig] = {
     "llama-2-7b": ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008,
                               vocab_size=32000, max_seq_len=4096, norm_eps=1e-5, vocab_pinned=True),
 }
+
+
+def _float(value: Any) -> Any:
+    """Numbers as float; anything else is left for ModelConfig's check to name."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
 def get_config(name: str, **overrides) -> ModelConfig:

@@ -38,6 +38,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from aquila_fn.files import read_json, utf8_errors
+from parallel.cli import UserError
+
 __all__ = [
     "DataError", "DTYPE_CODES", "INDEX_HEADER", "best_dtype",
     "IndexedDatasetBuilder", "MMapIndexedDataset", "index_file_path", "data_file_path",
@@ -61,7 +64,7 @@ _CODE_OF = {np.dtype(t): c for c, t in DTYPE_CODES.items()}
 IGNORE_INDEX = -100
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file is missing, malformed or does not fit the request; the message names the file."""
 
 
@@ -337,8 +340,11 @@ _SPLIT_NAMES = {"train": 0, "valid": 1, "validation": 1, "val": 1, "test": 2}
 
 def parse_split(split: str | Sequence[float]) -> list[float]:
     """'969,30,1' -> normalised [train, valid, test] weights (Megatron's split string)."""
-    parts = [float(s) for s in (split.replace("/", ",").split(",") if isinstance(split, str) else split)]
-    if not parts or len(parts) > 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+    try:
+        parts = [float(s) for s in (split.replace("/", ",").split(",") if isinstance(split, str) else split)]
+    except ValueError:
+        parts = []
+    if not parts or len(parts) > 3 or not all(0 <= p < float("inf") for p in parts) or sum(parts) <= 0:
         raise DataError(f"bad split {split!r}: want up to three non-negative weights like '969,30,1'")
     parts += [0.0] * (3 - len(parts))
     total = sum(parts)
@@ -493,7 +499,7 @@ def iter_text_documents(path: str | os.PathLike, split: str = "paragraph") -> It
     p = _check_file(path)
     if split not in ("paragraph", "line", "file"):
         raise DataError(f"unknown text split {split!r}; use paragraph, line or file")
-    with open(p, encoding="utf-8") as f:
+    with open(p, encoding="utf-8") as f, utf8_errors(p, DataError):
         if split == "file":
             text = f.read()
             if text.strip():
@@ -525,7 +531,7 @@ def _require_keys(record: Any, keys: Sequence[str], where: str) -> None:
 def iter_jsonl_records(path: str | os.PathLike, keys: Sequence[str] = ()) -> Iterator[dict]:
     """One JSON object per line; errors name the file and the (1-based) line."""
     p = _check_file(path)
-    with open(p, encoding="utf-8") as f:
+    with open(p, encoding="utf-8") as f, utf8_errors(p, DataError):
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -540,27 +546,30 @@ def iter_jsonl_records(path: str | os.PathLike, keys: Sequence[str] = ()) -> Ite
 def iter_json_records(path: str | os.PathLike, keys: Sequence[str] = ()) -> Iterator[dict]:
     """A JSON file holding a list of objects (the Alpaca release format)."""
     p = _check_file(path)
-    try:
-        with open(p, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    data = read_json(p, DataError, expect=None)
     if isinstance(data, dict):
         data = [data]
+    if not isinstance(data, list):
+        raise DataError(f"{p}: holds a JSON {type(data).__name__}, expected a list of records")
     for n, record in enumerate(data):
         _require_keys(record, keys, f"{p}: record {n}")
         yield record
 
 
-def iter_parquet_records(path: str | os.PathLike, keys: Sequence[str] = ()) -> Iterator[dict]:
-    """Rows of a parquet file, read a record batch at a time."""
+def open_parquet(path: str | os.PathLike):
+    """A pyarrow ParquetFile, or DataError naming the file."""
     import pyarrow.parquet as pq
 
-    p = _check_file(path)
     try:
-        pf = pq.ParquetFile(p)
+        return pq.ParquetFile(_check_file(path))
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError on non-parquet bytes
-        raise DataError(f"{p}: not a readable parquet file ({e})") from None
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
+
+
+def iter_parquet_records(path: str | os.PathLike, keys: Sequence[str] = ()) -> Iterator[dict]:
+    """Rows of a parquet file, read a record batch at a time."""
+    p = _check_file(path)
+    pf = open_parquet(p)
     columns = pf.schema_arrow.names
     missing = [k for k in keys if k not in columns]
     if missing:
@@ -745,6 +754,10 @@ def build_gpt_datasets(path: str | os.PathLike, seq_len: int, seed: int, *, spli
                        ) -> dict[str, GPTDataset | None]:
     """{"train", "valid", "test"} GPT datasets over one source (a split with no data is None)."""
     indexed = MMapIndexedDataset(resolve_data_prefix(path, tokenizer, cache_dir))
+    begin, end = split_range(split, indexed.num_documents, "train")
+    if end <= begin:
+        raise DataError(f"{path}: no documents for training ({indexed.num_documents} in the data, "
+                        f"split {split!r}); give a non-empty file or a split with a train share")
     samples = {"train": train_samples, "valid": valid_samples, "test": None}
     out: dict[str, GPTDataset | None] = {}
     for name in ("train", "valid", "test"):

@@ -316,10 +316,10 @@ def load_model_and_tokenizer(model_path, tokenizer_path=None, *, adapters_path=N
     elif tokenizer_path is not None:  # an already loaded tokenizer
         tokenizer = tokenizer_path
     tokenizer = tokenizer or _tokenizer_beside(path, config.vocab_size)
+    from aquila_fn.tokenizer import TokenizerError, check_tokenizer_fits
     if tokenizer is None:
-        raise ValueError(f"no tokenizer found for {path}; pass --tokenizer")
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {config.vocab_size}")
+        raise TokenizerError(f"no tokenizer found for {path}; pass --tokenizer")
+    check_tokenizer_fits(tokenizer, config.vocab_size)
     if adapters_path is not None:
         from aquila_fn.lora import load_adapters, lora_merge
         adapters, info = load_adapters(adapters_path, map_location=device)

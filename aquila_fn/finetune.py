@@ -78,6 +78,8 @@ def load_instruction_examples(path: str | os.PathLike, tokenizer, seq_len: int) 
     preprocessed `<prefix>_packed` instruction dataset (scripts/preprocess_data.py). Each holds at
     most seq_len + 1 tokens: inputs and shifted labels of seq_len."""
     p = Path(path)
+    if not p.exists() and data.detect_format(p) != "text":
+        raise data.DataError(f"{p}: no such file")
     if p.is_file():
         records = load_instruction_records(p)
         return [data.encode_instruction(r, tokenizer, max_len=seq_len + 1) for r in records]
@@ -93,7 +95,9 @@ def batches(examples: Sequence[dict], batch_size: int, pad_id: int, seed: int) -
     """Endless batches: a seeded shuffle per epoch, padded to the longest example of the batch."""
     usable = [e for e in examples if any(int(t) != data.IGNORE_INDEX for t in e["labels"][1:])]
     if len(usable) < batch_size:
-        raise ValueError(f"{len(usable)} examples with response tokens; batch_size={batch_size} needs more")
+        raise data.DataError(f"{len(usable)} of {len(examples)} examples keep response tokens within the "
+                             f"sequence length; --batch-size {batch_size} needs at least that many (give "
+                             f"more data, a longer --seq-len or a smaller --batch-size)")
     gen = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(len(usable), generator=gen).tolist()

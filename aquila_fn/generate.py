@@ -19,10 +19,10 @@ never a Python int, and decoding N tokens compiles nothing after the first step.
 
 from __future__ import annotations
 
+import errno
 import math
 import mmap
 import os
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from aquila_fn.config import ModelConfig
+from aquila_fn.config import ConfigError, ModelConfig
 from aquila_fn.decode_compile import (AOT_DEVICES, CACHE_BUCKET, CompiledSteps, default_build_s,
                                       estimated_saving_s, repays)
 from aquila_fn.model import forward, init_cache, project_logits
@@ -770,11 +770,11 @@ def aquila_chat_prompt(history: Sequence[tuple[str, str]], *, system: str = AQUI
 def _is_llama2c(path: Path) -> bool:
     if not path.is_file():
         return False
-    from aquila_fn.llama2c import read_llama2c_header
+    from aquila_fn.llama2c import Llama2cFormatError, read_llama2c_header
     try:
-        read_llama2c_header(path)  # checks the header against the file size
+        read_llama2c_header(path)  # checks the header's fields
         return True
-    except (ValueError, OSError, struct.error):
+    except Llama2cFormatError:
         return False
 
 
@@ -796,7 +796,8 @@ def load_model(path: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.dtype | 
     (config.json + safetensors / pytorch_model.bin) or a native aquila_fn checkpoint."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no model at {path}")
+        raise FileNotFoundError(errno.ENOENT, "no model (llama2.c file, Hugging Face directory or "
+                                "aquila-fn checkpoint) here", str(path))
     if path.is_dir() and (path / "config.json").is_file():
         from aquila_fn.hf import load_hf
         config, params = load_hf(path, dtype=dtype, device=device)
@@ -807,11 +808,10 @@ def load_model(path: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.dtype | 
         config, params, tokenizer = _load_native(path, tokenizer)
     from aquila_fn import pytree
     params = pytree.tree_map(lambda x: _cast(x, dtype, device), params)
-    if tokenizer is not None:
-        from aquila_fn.tokenizer import load_tokenizer
-        tok = load_tokenizer(tokenizer)
-    else:
-        tok = _tokenizer_near(path)
+    from aquila_fn.tokenizer import check_tokenizer_fits, load_tokenizer
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else _tokenizer_near(path)
+    if tok is not None:
+        check_tokenizer_fits(tok, config.vocab_size)
     return config, params, tok
 
 
@@ -819,13 +819,25 @@ def _load_native(path: Path, tokenizer):
     """A native checkpoint (a pretrain.py output directory, a run directory, a step directory or a
     rank file; the newest checkpoint is taken); its metadata must hold the config, and may name
     the tokenizer the run used."""
-    from aquila_fn.checkpoint import load_checkpoint, latest_checkpoint
+    from aquila_fn.checkpoint import CheckpointError, load_checkpoint, latest_checkpoint, read_metadata
     if path.is_dir() and latest_checkpoint(path / "checkpoints"):  # a pretrain.py output directory
         path = path / "checkpoints"
+    try:
+        read_metadata(path)
+    except CheckpointError as e:  # no checkpoint header at all: say what was looked for
+        problem = str(e).removeprefix(f"{path}: ")
+        if path.is_dir():
+            raise CheckpointError(f"{path}: no model in this directory (no Hugging Face config.json, no "
+                                  f"aquila-fn checkpoint: {problem})") from None
+        raise CheckpointError(f"{path} is not a model: neither a llama2.c file (no valid header) nor an "
+                              f"aquila-fn checkpoint ({problem})") from None
     state, metadata = load_checkpoint(path)
-    if "config" not in metadata:
-        raise ValueError(f"checkpoint {path} has no model config in its metadata")
-    config = ModelConfig.from_dict(metadata["config"])
+    if not isinstance(metadata.get("config"), dict):
+        raise CheckpointError(f"checkpoint {path} has no model config in its metadata")
+    try:
+        config = ModelConfig.from_dict(metadata["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {path}: its model config is invalid: {e}") from None
     params = state["params"] if isinstance(state, dict) and "params" in state else state
     if tokenizer is None:
         named = metadata.get("tokenizer") or (metadata.get("args") or {}).get("tokenizer")

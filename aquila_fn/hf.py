@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Iterator
@@ -29,7 +30,9 @@ import torch
 
 from aquila_fn import pytree
 from aquila_fn.config import ModelConfig
+from aquila_fn.files import read_json
 from aquila_fn.model import param_shapes, split_projections
+from parallel.cli import UserError
 
 __all__ = ["HFFormatError", "load_hf", "save_hf", "hf_to_path", "path_to_hf", "hf_state_dict",
            "params_from_state_dict"]
@@ -55,7 +58,7 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 DEFAULT_MAX_SHARD_BYTES = 2 * 2**30
 
 
-class HFFormatError(ValueError):
+class HFFormatError(UserError, ValueError):
     """A Hugging Face checkpoint that does not match its config (the message names the tensor)."""
 
 
@@ -90,8 +93,9 @@ def _weight_files(directory: Path) -> list[Path]:
     """The weight files of a checkpoint, preferring safetensors, following an index if sharded."""
     for index_name, single in ((SAFETENSORS_INDEX, "model.safetensors"), (BIN_INDEX, "pytorch_model.bin")):
         if (directory / index_name).is_file():
-            with open(directory / index_name) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = read_json(directory / index_name, HFFormatError).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise HFFormatError(f"{directory / index_name} has no weight_map of tensor name -> file")
             files = sorted(set(weight_map.values()))
             missing = [name for name in files if not (directory / name).is_file()]
             if missing:
@@ -108,12 +112,20 @@ def _weight_files(directory: Path) -> list[Path]:
 
 def _read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except SafetensorError as e:
+            raise HFFormatError(f"{path}: not a readable safetensors file ({e})") from None
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # no arbitrary unpickling
+        try:  # weights_only: no arbitrary unpickling
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # torch's "not a zip", truncations
+            raise HFFormatError(f"{path}: not a readable PyTorch weights file ({e})") from None
+        if not isinstance(state, dict):
+            raise HFFormatError(f"{path} holds a {type(state).__name__}, not a state dict")
         yield from state.items()
 
 

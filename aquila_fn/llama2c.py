@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from aquila_fn.config import ModelConfig
+from parallel.cli import UserError
 
 __all__ = ["Llama2cFormatError", "load_llama2c", "save_llama2c", "read_llama2c_header",
            "interleaved_to_half", "half_to_interleaved"]
@@ -42,7 +43,7 @@ NORM_EPS = 1e-5
 ROPE_THETA = 10000.0
 
 
-class Llama2cFormatError(ValueError):
+class Llama2cFormatError(UserError, ValueError):
     """A llama2.c file whose header or size does not describe a valid checkpoint."""
 
 
@@ -90,6 +91,8 @@ def read_llama2c_header(path: str | os.PathLike) -> dict:
     n_kv_heads, vocab_size (absolute), max_seq_len, shared_classifier, header_bytes,
     expected_bytes, actual_bytes. Raises FileNotFoundError / Llama2cFormatError naming the file."""
     p = Path(path)
+    if p.is_dir():
+        raise Llama2cFormatError(f"{p} is a directory, not a llama2.c file")
     if not p.is_file():
         raise FileNotFoundError(f"llama2.c checkpoint not found: {p}")
     actual = p.stat().st_size

@@ -25,18 +25,23 @@ import torch
 
 from aquila_fn import pytree
 from aquila_fn.model import leaf_seed
+from parallel.cli import UserError
 
 Params = dict
 Adapters = dict
 DEFAULT_TARGETS = r"attn\.(wq|wv)$"
 
 
-class LoraError(ValueError):
+class LoraError(UserError, ValueError):
     """A LoRA request that does not fit the parameters (no target matched, a non-matrix target)."""
 
 
 def _pattern(targets: str | Sequence[str]) -> re.Pattern:
-    return re.compile(targets if isinstance(targets, str) else "|".join(f"(?:{t})" for t in targets))
+    text = targets if isinstance(targets, str) else "|".join(f"(?:{t})" for t in targets)
+    try:
+        return re.compile(text)
+    except re.error as e:
+        raise LoraError(f"LoRA targets {text!r} are not a regular expression ({e})") from None
 
 
 def target_paths(params: Params, targets: str | Sequence[str] = DEFAULT_TARGETS) -> list[str]:

@@ -25,6 +25,7 @@ import ops
 from aquila_fn import pytree
 from aquila_fn.config import ModelConfig
 from parallel import constrain
+from parallel.cli import UserError
 
 # Activation layouts for `parallel.constrain` (the identity without an active mesh): the residual
 # stream is split over the sequence under sequence parallelism; the inputs of the
@@ -36,7 +37,7 @@ Params = dict[str, Any]
 RECOMPUTE_POLICIES = ("none", "full", "selective")
 
 
-class TokenError(ValueError):
+class TokenError(UserError, ValueError):
     """A token id outside the model's vocabulary."""
 
 
@@ -154,7 +155,8 @@ def check_tokens(tokens: torch.Tensor, vocab_size: int) -> None:
     lo, hi = int(tokens.min()), int(tokens.max())
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi
-        raise TokenError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+        raise TokenError(f"token id {bad} is outside the model's vocabulary [0, {vocab_size}); "
+                         f"were the ids made with another tokenizer?")
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor | dict) -> torch.Tensor:

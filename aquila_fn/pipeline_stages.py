@@ -33,6 +33,7 @@ import parallel
 from aquila_fn import model, train
 from aquila_fn.config import ModelConfig
 from aquila_fn.sharding import make_layout, ops_impl
+from parallel.mesh import MeshError
 from parallel.grads import GradReducer
 from parallel.layout import Layout, local_rows, local_value
 from parallel.pipeline import SharedLeaves
@@ -318,7 +319,7 @@ class PipelineOptions:
     def from_args(cls, args, mesh: parallel.Mesh, micro_batches: int) -> "PipelineOptions":
         precision = train.default_precision(mesh.device) if args.precision == "auto" else args.precision
         if not mesh.has("pp"):
-            raise ValueError("--virtual-stages needs a pp axis in --mesh (e.g. --mesh pp=2)")
+            raise MeshError("--virtual-stages needs a pp axis in --mesh (e.g. --mesh pp=2)")
         schedule = "interleaved" if args.virtual_stages > 1 else args.pp_schedule
         return cls(mesh, args.virtual_stages, schedule, micro_batches, precision, args.recompute,
                    getattr(args, "impl", "auto"))

@@ -32,7 +32,7 @@ import torch
 from aquila_fn import checkpoint, data, device, model, optim, pytree, sharding, train
 from aquila_fn.config import ModelConfig, PRESETS, get_config
 from ops import _dispatch as ops_dispatch
-from parallel import shutdown_distributed
+from parallel import cli, shutdown_distributed
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -63,7 +63,7 @@ def default_cache_dir() -> str:
 SAMPLE_PROMPTS = ["ROMEO:", "First Citizen:\n", "The king"]
 
 
-class PretrainError(ValueError):
+class PretrainError(cli.UserError, ValueError):
     """Bad arguments or inputs for a pretraining run; the message says what to change."""
 
 
@@ -94,7 +94,7 @@ def _overrides(text: str) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     d = DEFAULT_RUN
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         description="Pretrain an Aquila/LLaMA model. With no arguments: the `tiny` config on the "
                     "shipped tiny-shakespeare corpus, a few minutes on a laptop CPU.")
     a = p.add_argument
@@ -107,39 +107,40 @@ def build_parser() -> argparse.ArgumentParser:
     a("--data-cache", default=default_cache_dir(), help="where raw text is tokenised to, once")
     a("--split", default="969,30,1", help="train,valid,test document split (Megatron --split)")
     a("--tokenizer", default=d["tokenizer"], help="tokenizer file/dir (needed for raw text and samples)")
-    a("--seed", type=int, default=1234)
-    a("--steps", type=int, default=d["steps"], help="train steps (optimizer updates incl. skipped)")
-    a("--decay-steps", type=int, default=None, help="lr schedule length (default: --steps)")
-    a("--batch-size", type=int, default=d["batch_size"], help="global batch, in sequences")
-    a("--micro-batch-size", type=int, default=None, help="sequences per micro-batch (default: batch)")
-    a("--seq-len", type=int, default=d["seq_len"])
-    a("--lr", type=float, default=d["lr"])
-    a("--warmup", type=int, default=d["warmup"], help="warmup steps")
-    a("--min-lr", type=float, default=d["min_lr"])
+    a("--seed", type=cli.nonnegative_int, default=1234)
+    a("--steps", type=cli.positive_int, default=d["steps"], help="train steps (optimizer updates incl. skipped)")
+    a("--decay-steps", type=cli.positive_int, default=None, help="lr schedule length (default: --steps)")
+    a("--batch-size", type=cli.positive_int, default=d["batch_size"], help="global batch, in sequences")
+    a("--micro-batch-size", type=cli.positive_int, default=None, help="sequences per micro-batch (default: batch)")
+    a("--seq-len", type=cli.positive_int, default=d["seq_len"])
+    a("--lr", type=cli.nonnegative_float, default=d["lr"])
+    a("--warmup", type=cli.nonnegative_int, default=d["warmup"], help="warmup steps")
+    a("--min-lr", type=cli.nonnegative_float, default=d["min_lr"])
     a("--decay", choices=sorted(optim.SCHEDULES), default="cosine")
-    a("--weight-decay", type=float, default=0.1)
+    a("--weight-decay", type=cli.nonnegative_float, default=0.1)
     a("--no-decay-embeddings", action="store_true", help="exclude the embedding from weight decay")
-    a("--adam-beta1", type=float, default=0.9)
-    a("--adam-beta2", type=float, default=0.95)
-    a("--adam-eps", type=float, default=1e-8)
-    a("--clip-grad", type=float, default=1.0, help="max global grad norm (0: off)")
+    a("--adam-beta1", type=cli.fraction, default=0.9)
+    a("--adam-beta2", type=cli.fraction, default=0.95)
+    a("--adam-eps", type=cli.positive_float, default=1e-8)
+    a("--clip-grad", type=cli.nonnegative_float, default=1.0, help="max global grad norm (0: off)")
     a("--precision", default="auto", help="bf16 | fp16 | fp32 | auto (bf16 where the hardware has it)")
     a("--recompute", choices=model.RECOMPUTE_POLICIES, default="none")
     a("--compile", action=argparse.BooleanOptionalAction, default=False,
       help="compile the loss (forward+backward) with fullgraph=True; under --mesh, each layer")
     a("--impl", choices=("auto", "reference", "fused"), default="auto", help="ops implementation")
     a("--out", default=d["out"], help="run directory: metrics.jsonl, checkpoints, loss.png")
-    a("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    a("--keep", type=int, default=2, help="checkpoints to keep")
+    a("--save-every", type=cli.nonnegative_int, default=0, help="checkpoint every N steps (0: only at the end)")
+    a("--keep", type=cli.positive_int, default=2, help="checkpoints to keep")
     a("--save-final", action=argparse.BooleanOptionalAction, default=True,
       help="checkpoint at the end of the run (--no-save-final: benchmarks, smoke runs)")
     a("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    a("--eval-every", type=int, default=d["eval_every"], help="validation every N steps (0: only at the end)")
-    a("--eval-iters", type=int, default=8, help="validation micro-batches per evaluation")
-    a("--peak-tflops", type=float, default=None, help="peak FLOP/s for MFU (default: device table)")
-    a("--samples", type=int, default=3, help="texts to generate at the end")
-    a("--sample-tokens", type=int, default=96)
-    a("--temperature", type=float, default=0.8)
+    a("--eval-every", type=cli.nonnegative_int, default=d["eval_every"],
+      help="validation every N steps (0: only at the end)")
+    a("--eval-iters", type=cli.nonnegative_int, default=8, help="validation micro-batches per evaluation")
+    a("--peak-tflops", type=cli.positive_float, default=None, help="peak FLOP/s for MFU (default: device table)")
+    a("--samples", type=cli.nonnegative_int, default=3, help="texts to generate at the end")
+    a("--sample-tokens", type=cli.positive_int, default=96)
+    a("--temperature", type=cli.nonnegative_float, default=0.8)
     a("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar on stderr")
     device.add_argument(p)
     sharding.add_arguments(p)  # --mesh, --zero, --sequence-parallel, ... (parallel layouts)
@@ -173,11 +174,9 @@ class Run:
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    for name in ("steps", "batch_size", "seq_len"):
-        if getattr(args, name) < 1:
-            raise PretrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    """What argparse's types cannot see alone (ranges are checked there)."""
     mbs = args.micro_batch_size or args.batch_size
-    if mbs < 1 or args.batch_size % mbs:
+    if args.batch_size % mbs:
         raise PretrainError(f"--batch-size {args.batch_size} is not divisible by "
                             f"--micro-batch-size {mbs}")
     if args.precision != "auto":
@@ -185,8 +184,7 @@ def validate_args(args: argparse.Namespace) -> None:
             train.get_precision(args.precision)
         except ValueError as e:
             raise PretrainError(str(e)) from None
-    if args.keep < 1:
-        raise PretrainError(f"--keep must be >= 1, got {args.keep}")
+    cli.check_output_dir(args.out, "--out")
 
 
 def load_config(name: str, overrides: dict) -> ModelConfig:
@@ -195,8 +193,7 @@ def load_config(name: str, overrides: dict) -> ModelConfig:
     path = Path(name)
     if not path.is_file():
         raise PretrainError(f"--config {name!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
-    raw = json.loads(path.read_text())
-    config = ModelConfig.from_hf(raw) if "hidden_size" in raw else ModelConfig.from_dict(raw)
+    config = ModelConfig.from_file(path)
     return config.replace(**overrides) if overrides else config
 
 
@@ -355,7 +352,8 @@ def peak_flops(precision: str, where: str | torch.device = "cpu",
 
 class MetricsLog:
     """`<out>/metrics.jsonl`, one JSON object per step. On resume, lines past the checkpoint's
-    step (written after it by the interrupted run) are dropped so the file has no duplicates."""
+    step (written after it by the interrupted run) are dropped so the file has no duplicates;
+    the file is replaced atomically, so a kill at any moment keeps the lines before it."""
 
     def __init__(self, path: Path, resume_step: int | None, enabled: bool = True):
         self.path, self.enabled = path, enabled  # disabled: records kept, nothing written (ranks > 0)
@@ -363,13 +361,25 @@ class MetricsLog:
             self.records = []
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if resume_step is not None and path.exists():
-            for line in path.read_text().splitlines():
-                if line.strip() and json.loads(line)["step"] <= resume_step:
-                    kept.append(line)
-        path.write_text("".join(line + "\n" for line in kept))
-        self.records = [json.loads(line) for line in kept]
+        self.records = self._kept(path, resume_step) if resume_step is not None and path.exists() else []
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        os.replace(tmp, path)
+
+    @staticmethod
+    def _kept(path: Path, resume_step: int) -> list[dict]:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        records = []
+        for i, line in enumerate(lines):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:
+                    break  # the last line, cut short by a kill while it was written
+                raise PretrainError(f"{path}:{i + 1}: not a JSON line; move the file away to resume") from None
+            if record["step"] <= resume_step:
+                records.append(record)
+        return records
 
     def write(self, record: dict) -> None:
         self.records.append(record)
@@ -537,10 +547,8 @@ def report(summary: dict, out=sys.stdout) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+    with cli.user_errors(parser.prog):
         summary = pretrain(args)
-    except (PretrainError, data.DataError, checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
     shutdown_distributed()
     if summary.get("rank", 0) == 0:
         report(summary)

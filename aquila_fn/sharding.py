@@ -23,8 +23,10 @@ import torch.distributed as dist
 import parallel
 from aquila_fn import model, train
 from aquila_fn.config import ModelConfig
+from parallel import cli
 from parallel.grads import GradReducer
 from parallel.layout import Layout, local_rows, local_value, shard_batch
+from parallel.mesh import MeshError
 from parallel.zero import ReshardAfterForward, compute_view, needs_gather
 
 # Megatron tensor parallelism: column-split q/k/v and gate/up (dim 0 = output features over
@@ -139,7 +141,7 @@ def make_train_step(config: ModelConfig, optimizer, layout: Layout, *, micro_bat
     if compile and recompute == "selective":
         # torch 2.13's AOTAutograd fails on the checkpointed attention core of a compiled layer
         # over DTensors (the recomputed region's saved values include a DeviceMesh)
-        raise ValueError("compile on a mesh compiles each layer, which does not work with recompute="
+        raise MeshError("compile on a mesh compiles each layer, which does not work with recompute="
                          "'selective' there; use recompute 'full' or 'none' with it")
     reducer = GradReducer(layout, bucket_bytes=bucket_bytes, overlap=overlap)
     context = _StepContext()
@@ -220,17 +222,17 @@ def plan_model(config_name: str, overrides: dict | None = None, precision: str =
 def add_arguments(parser) -> None:
     """The parallelism flags of scripts/pretrain.py."""
     a = parser.add_argument
-    a("--mesh", default=None, help="named mesh over the torchrun processes, e.g. dp=2,tp=2 "
+    a("--mesh", default=None, type=cli.mesh_spec, help="named mesh over the torchrun processes, e.g. dp=2,tp=2 "
       "(axes pp, dp, fsdp, tp; fsdp = ZeRO-3; one axis may be -1). Default: data parallel over all")
     a("--zero", type=int, choices=(0, 1, 2, 3), default=0,
       help="ZeRO stage over dp: 1 shards optimizer state, 2 also gradients, 3 also parameters")
     a("--sequence-parallel", action="store_true", help="split the norm regions' sequence over tp")
-    a("--virtual-stages", type=int, default=1, help="pipeline stages per pp rank (interleaved 1F1B)")
+    a("--virtual-stages", type=cli.positive_int, default=1, help="pipeline stages per pp rank (interleaved 1F1B)")
     a("--pp-schedule", choices=("gpipe", "1f1b", "interleaved"), default="1f1b",
       help="pipeline schedule (interleaved when --virtual-stages > 1)")
     a("--offload-optimizer", action="store_true",
       help="keep optimizer state and its update in host memory (ZeRO-Offload)")
-    a("--dist-timeout", type=float, default=parallel.mesh.DEFAULT_TIMEOUT_S,
+    a("--dist-timeout", type=cli.positive_float, default=parallel.mesh.DEFAULT_TIMEOUT_S,
       help="seconds before a stalled collective (dead or stuck peer) ends every process")
 
 
@@ -266,8 +268,8 @@ class ParallelSetup:
 
             setup.pipeline = PipelineOptions.from_args(args, mesh, micro)
         if args.batch_size % (layout.data_size * micro):
-            raise ValueError(f"--batch-size {args.batch_size} does not split into {micro} micro-batches "
-                             f"on each of {layout.data_size} data-parallel ranks")
+            raise MeshError(f"--batch-size {args.batch_size} does not split into {micro} micro-batches "
+                            f"on each of {layout.data_size} data-parallel ranks")
         return setup
 
     @property

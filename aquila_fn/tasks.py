@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from aquila_fn.evaluate import encode_pair, greedy_generate, perplexity, score_continuations
+from aquila_fn.files import read_text, utf8_errors
+from parallel.cli import UserError
 
 LETTERS = ("A", "B", "C", "D")
 FEWSHOT_DELIMITER = "\n\n"
@@ -61,7 +63,7 @@ CEVAL_SUBJECTS = {  # C-Eval subject -> its Chinese name (the official subject_m
 }
 
 
-class TaskDataError(ValueError):
+class TaskDataError(UserError, ValueError):
     """A task file that is missing or does not have the expected layout; names file and line."""
 
 
@@ -97,7 +99,7 @@ def _need_file(path: Path, what: str) -> Path:
 def read_jsonl(path: Path, required: Sequence[str]) -> list[dict]:
     """Rows of a jsonl file, each checked for the `required` keys."""
     rows = []
-    with open(_need_file(path, "data file"), encoding="utf-8") as f:
+    with open(_need_file(path, "data file"), encoding="utf-8") as f, utf8_errors(path, TaskDataError):
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -105,6 +107,8 @@ def read_jsonl(path: Path, required: Sequence[str]) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise TaskDataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise TaskDataError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
             missing = [k for k in required if k not in row]
             if missing:
                 raise TaskDataError(f"{path}:{line_no}: missing field(s) {missing}; "
@@ -124,7 +128,8 @@ def read_choice_csv(path: Path, *, header: bool) -> list[dict]:
     """MMLU (no header: question,A,B,C,D,answer) or C-Eval (header id,question,A,B,C,D,answer
     [,explanation]) rows as {question, choices, answer index, id}."""
     rows = []
-    with open(_need_file(path, "CSV file"), encoding="utf-8", newline="") as f:
+    with open(_need_file(path, "CSV file"), encoding="utf-8", newline="") as f, \
+            utf8_errors(path, TaskDataError):
         reader = csv.reader(f)
         names = ["question", "A", "B", "C", "D", "answer"]
         if header:
@@ -385,12 +390,17 @@ TASKS = {
 }
 
 
-def get_task(name: str) -> Task:
+def find_task(name: str) -> Task | None:
+    """The task a name or alias (c-eval, ppl, ...) stands for, or None."""
     key = name.lower().replace("-", "_")
-    key = {"c_eval": "ceval", "ppl": "perplexity"}.get(key, key)
-    if key not in TASKS:
+    return TASKS.get({"c_eval": "ceval", "ppl": "perplexity"}.get(key, key))
+
+
+def get_task(name: str) -> Task:
+    task = find_task(name)
+    if task is None:
         raise ValueError(f"unknown task {name!r}; available: {', '.join(TASKS)}")
-    return TASKS[key]
+    return task
 
 
 def load_task(name: str, data, *, shots: int | None = None, limit: int | None = None,
@@ -412,9 +422,11 @@ def run_task(name: str, params, config, tokenizer, data, *, limit: int | None = 
     decoder_options: more `generate.Decoder` arguments for generative tasks (compile, cache_dir, log)."""
     task = get_task(name)
     if task.kind == "perplexity":
-        text = _need_file(Path(data), "text file").read_text(encoding="utf-8")
+        text = read_text(_need_file(Path(data), "text file"), TaskDataError)
         if limit:
             text = text[:limit]  # limit = characters of the file, for quick runs
+        if not text.strip():
+            raise TaskDataError(f"{data}: no text to measure perplexity on")
         result = perplexity(params, config, tokenizer, text, max_len=max_len, batch_size=batch_size,
                             progress=progress)
         return {"task": task.name, "n": result["n_tokens"], **result}, [dict(result, data=str(data))]

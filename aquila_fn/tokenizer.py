@@ -24,11 +24,13 @@ Also here: ``padded_vocab_size(n, multiple=128)``, Megatron's rounding of the em
 from __future__ import annotations
 
 import abc
-import json
 import os
 import re
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from aquila_fn.files import read_json, utf8_errors
+from parallel.cli import UserError
 
 __all__ = [
     "Tokenizer",
@@ -37,12 +39,20 @@ __all__ = [
     "HFTokenizer",
     "StreamDecoder",
     "load_tokenizer",
+    "check_tokenizer_fits",
     "padded_vocab_size",
 ]
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer file exists but cannot be used (corrupt, unknown layout, missing partner)."""
+
+
+def check_tokenizer_fits(tokenizer: "Tokenizer", vocab_size: int) -> None:
+    """A tokenizer whose ids reach past the model's embedding would index out of it."""
+    if tokenizer.vocab_size > vocab_size:
+        raise TokenizerError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, the model "
+                             f"only {vocab_size}; pass the tokenizer the model was trained with")
 
 
 def padded_vocab_size(n: int, multiple: int = 128, tp_size: int = 1) -> int:
@@ -228,11 +238,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _read_json(path: Path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise TokenizerError(f"{path} is not valid JSON: {e}") from e
+    return read_json(path, TokenizerError, expect=None)
 
 
 def _token_content(v) -> str | None:
@@ -351,7 +357,7 @@ class HFTokenizer(Tokenizer):
         if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
             raise TokenizerError(f"{vocab_file} should map token strings to integer ids")
         merges: list[tuple[str, str]] = []
-        with open(merges_file, encoding="utf-8") as f:
+        with open(merges_file, encoding="utf-8") as f, utf8_errors(merges_file, TokenizerError):
             for n, line in enumerate(f, 1):
                 line = line.rstrip("\r\n")
                 if not line or (n == 1 and line.startswith("#version")):

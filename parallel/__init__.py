@@ -15,6 +15,8 @@ It knows nothing of any particular model.
     meter.py     collectives and live memory, observed (real or meta tensors)
     plan.py      python -m parallel.plan: per-rank memory and traffic without allocating
     faults.py    guard and Watchdog: a dead or stalled rank becomes an error, not a hang
+    cli.py       UserError and the command-line error boundary every script shares: a user's
+                 mistake is one line and exit status 2 (once under torchrun), a bug a traceback
 """
 
 from parallel import tree

@@ -19,23 +19,21 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from parallel.cli import UserError
+
 AXES = ("pp", "dp", "fsdp", "tp")
 DATA_AXES = ("dp", "fsdp")  # the batch is split over these
 DEFAULT_TIMEOUT_S = float(os.environ.get("AQUILA_DIST_TIMEOUT", "300"))
 
 
-class MeshError(ValueError):
+class MeshError(UserError, ValueError):
     """A mesh string that cannot describe the processes we have."""
 
 
-def parse_mesh(spec: str | dict | None, world_size: int) -> dict[str, int]:
-    """'dp=2,tp=2' -> {'dp': 2, 'tp': 2} in canonical axis order; one axis may be -1 ('the rest').
-
-    Axes of size 1 are dropped. The product must equal `world_size`.
-    """
-    if spec is None or spec == "" or spec == {}:
-        sizes = {"dp": world_size} if world_size > 1 else {}
-    elif isinstance(spec, dict):
+def mesh_axes(spec: str | dict) -> dict[str, int]:
+    """'dp=2,tp=-1' -> {'dp': 2, 'tp': -1}: the syntax, the axis names and the sizes (positive, or
+    one -1) checked, without knowing the world size (`parse_mesh` resolves it)."""
+    if isinstance(spec, dict):
         sizes = dict(spec)
     else:
         sizes = {}
@@ -53,14 +51,27 @@ def parse_mesh(spec: str | dict | None, world_size: int) -> dict[str, int]:
     free = [a for a, n in sizes.items() if n == -1]
     if len(free) > 1:
         raise MeshError(f"at most one axis may be -1, got {free}")
+    bad = [f"{a}={n}" for a, n in sizes.items() if n < 1 and n != -1]
+    if bad:
+        raise MeshError(f"mesh sizes must be positive, got {', '.join(bad)}")
+    return sizes
+
+
+def parse_mesh(spec: str | dict | None, world_size: int) -> dict[str, int]:
+    """'dp=2,tp=2' -> {'dp': 2, 'tp': 2} in canonical axis order; one axis may be -1 ('the rest').
+
+    Axes of size 1 are dropped. The product must equal `world_size`.
+    """
+    if spec is None or spec == "" or spec == {}:
+        sizes = {"dp": world_size} if world_size > 1 else {}
+    else:
+        sizes = mesh_axes(spec)
+    free = [a for a, n in sizes.items() if n == -1]
     if free:
         fixed = math.prod(n for n in sizes.values() if n != -1)
         if world_size % fixed:
             raise MeshError(f"mesh {spec!r}: {world_size} processes are not divisible by {fixed}")
         sizes[free[0]] = world_size // fixed
-    bad = [f"{a}={n}" for a, n in sizes.items() if n < 1]
-    if bad:
-        raise MeshError(f"mesh sizes must be positive, got {', '.join(bad)}")
     if math.prod(sizes.values()) != world_size:
         raise MeshError(f"mesh {spec!r} has {math.prod(sizes.values())} devices but there are "
                         f"{world_size} processes (torchrun --nproc-per-node)")

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel.mesh import MeshError
 from parallel.tree import leaves, named_leaves, structure, unflatten
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
@@ -34,8 +35,8 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved")
 def stage_bounds(n_items: int, n_stages: int) -> list[tuple[int, int]]:
     """Contiguous, balanced [start, stop) item ranges, earlier stages taking the remainder."""
     if n_stages < 1 or n_items < n_stages:
-        raise ValueError(f"cannot split {n_items} layers into {n_stages} pipeline stages "
-                         f"(each stage needs at least one layer)")
+        raise MeshError(f"cannot split {n_items} layers into {n_stages} pipeline stages "
+                        f"(each stage needs at least one layer)")
     base, extra = divmod(n_items, n_stages)
     bounds, start = [], 0
     for s in range(n_stages):
@@ -94,12 +95,12 @@ class Pipeline:
         # gradients add up to the gradient of the global mean, as in one process.
         if cls.__name__ == "ScheduleInterleaved1F1B":
             if micro_batches % group.size():
-                raise ValueError(f"interleaved 1F1B needs the micro-batches ({micro_batches}) to be a "
-                                 f"multiple of the pipeline size ({group.size()})")
+                raise MeshError(f"interleaved 1F1B needs the micro-batches ({micro_batches}) to be a "
+                                f"multiple of the pipeline size ({group.size()})")
             self.schedule = cls(self.stages, micro_batches, loss_fn=loss_fn, scale_grads=False)
         else:
             if len(self.stages) != 1:
-                raise ValueError(f"{schedule} runs one stage per rank; use interleaved for virtual stages")
+                raise MeshError(f"{schedule} runs one stage per rank; use interleaved for virtual stages")
             self.schedule = cls(self.stages[0], micro_batches, loss_fn=loss_fn, scale_grads=False)
         self.has_last = any(s.is_last for s in self.stages)
 

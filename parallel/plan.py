@@ -30,9 +30,10 @@ from typing import Any, Callable
 import torch
 import torch.fx.experimental._config
 
+from parallel import cli
 from parallel.grads import GradReducer
 from parallel.layout import Layout
-from parallel.mesh import Mesh, parse_mesh
+from parallel.mesh import Mesh, MeshError, mesh_axes, parse_mesh
 from parallel.meter import CommMeter, LiveMeter, tree_local_bytes
 from parallel.tree import leaves, map_with_path
 from parallel.zero import distributed_optimizer
@@ -194,11 +195,11 @@ def plan(model: PlanModel, mesh_spec: str | dict, *, world_size: int | None = No
         data = mesh.size(("dp", "fsdp"))
         pp = mesh.size("pp")
         if batch_size % data:
-            raise ValueError(f"--batch-size {batch_size} does not split over {data} data-parallel ranks")
+            raise MeshError(f"--batch-size {batch_size} does not split over {data} data-parallel ranks")
         per_rank = batch_size // data
         mbs = micro_batch_size or per_rank
         if per_rank % mbs:
-            raise ValueError(f"{per_rank} rows per data rank do not split into micro-batches of {mbs}")
+            raise MeshError(f"{per_rank} rows per data rank do not split into micro-batches of {mbs}")
         micro = per_rank // mbs
         if pp > 1 and model.stage_params is None:
             raise ValueError(f"{model.name}: the model plugin does not describe pipeline stages")
@@ -215,12 +216,10 @@ def plan(model: PlanModel, mesh_spec: str | dict, *, world_size: int | None = No
 
 
 def _world_of(spec) -> int:
-    if isinstance(spec, dict):
-        return math.prod(spec.values())
-    sizes = [int(p.split("=")[1]) for p in str(spec).split(",") if "=" in p]
-    if any(s < 0 for s in sizes):
-        raise ValueError("give --world-size when the mesh has a -1 axis")
-    return math.prod(sizes) if sizes else 1
+    sizes = mesh_axes(spec).values()
+    if -1 in sizes:
+        raise MeshError("give --world-size when the mesh has a -1 axis")
+    return math.prod(sizes)
 
 
 def _gib(x: float) -> str:
@@ -260,54 +259,77 @@ def report(result: dict, out=sys.stdout) -> None:
 def load_model(spec: str, config: str, overrides: dict, precision: str, recompute: str) -> PlanModel:
     """`module` or `module:function`; the function defaults to `plan_model`."""
     module, _, fn = spec.partition(":")
-    return getattr(importlib.import_module(module), fn or "plan_model")(config, overrides, precision, recompute)
+    try:
+        plugin = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is None or not module.startswith(e.name):
+            raise  # the plugin itself imports something missing: its bug, with its traceback
+        raise cli.UserError(f"--model {spec}: no module named {e.name!r} (give an importable "
+                            f"module[:function], e.g. aquila_fn.sharding)") from None
+    if not hasattr(plugin, fn or "plan_model"):
+        raise cli.UserError(f"--model {spec}: module {module} has no function {fn or 'plan_model'!r}")
+    return getattr(plugin, fn or "plan_model")(config, overrides, precision, recompute)
 
 
 def _overrides(text: str) -> dict:
+    """--model-overrides "n_layers=4,dim=512" -> {"n_layers": 4, "dim": 512}."""
     out = {}
     for item in filter(None, (s.strip() for s in (text or "").split(","))):
-        key, _, value = item.partition("=")
+        key, eq, value = item.partition("=")
         low = value.lower()
-        out[key] = (low == "true") if low in ("true", "false") else (int(value) if value.lstrip("-").isdigit()
-                                                                     else float(value))
+        try:
+            if not eq:
+                raise ValueError
+            out[key] = (low == "true") if low in ("true", "false") else (
+                int(value) if value.lstrip("-").isdigit() else float(value))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not key=value with a number or "
+                                             f"true/false value") from None
     return out
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m parallel.plan", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m parallel.plan", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="aquila_fn.sharding", help="plugin module[:function]")
     p.add_argument("--config", required=True, help="model preset, e.g. aquila2-34b")
-    p.add_argument("--model-overrides", default="", help="e.g. n_layers=4,dim=512")
-    p.add_argument("--mesh", required=True, help="e.g. dp=8,tp=8,pp=2")
-    p.add_argument("--world-size", type=int, default=None, help="only needed with a -1 mesh axis")
+    p.add_argument("--model-overrides", type=_overrides, default={}, help="e.g. n_layers=4,dim=512")
+    p.add_argument("--mesh", required=True, type=cli.mesh_spec, help="e.g. dp=8,tp=8,pp=2")
+    p.add_argument("--world-size", type=cli.positive_int, default=None, help="only needed with a -1 mesh axis")
     p.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3))
     p.add_argument("--sequence-parallel", action="store_true")
-    p.add_argument("--batch-size", type=int, required=True, help="global batch (sequences)")
-    p.add_argument("--micro-batch-size", type=int, default=None, help="per data rank (default: all)")
-    p.add_argument("--seq-len", type=int, required=True)
+    p.add_argument("--batch-size", type=cli.positive_int, required=True, help="global batch (sequences)")
+    p.add_argument("--micro-batch-size", type=cli.positive_int, default=None, help="per data rank (default: all)")
+    p.add_argument("--seq-len", type=cli.positive_int, required=True)
     p.add_argument("--recompute", default="none", choices=("none", "full", "selective"))
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--offload-optimizer", action="store_true")
-    p.add_argument("--virtual-stages", type=int, default=1)
+    p.add_argument("--virtual-stages", type=cli.positive_int, default=1)
     p.add_argument("--schedule", default="1f1b", choices=("gpipe", "1f1b", "interleaved"))
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    model = load_model(args.model, args.config, _overrides(args.model_overrides), args.precision, args.recompute)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    with cli.user_errors(parser.prog):
+        result = run(args)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        report(result)
+    return 0
+
+
+def run(args) -> dict:
+    model = load_model(args.model, args.config, args.model_overrides, args.precision, args.recompute)
     schedule = "interleaved" if args.virtual_stages > 1 else args.schedule
     result = plan(model, args.mesh, world_size=args.world_size, zero=args.zero,
                   sequence_parallel=args.sequence_parallel, batch_size=args.batch_size,
                   micro_batch_size=args.micro_batch_size, seq_len=args.seq_len,
                   offload=args.offload_optimizer, virtual_stages=args.virtual_stages, schedule=schedule)
     result["recompute"], result["precision"] = args.recompute, args.precision
-    if args.json:
-        print(json.dumps(result))
-    else:
-        report(result)
-    return 0
+    return result
 
 
 if __name__ == "__main__":

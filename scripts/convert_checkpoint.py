@@ -25,6 +25,7 @@ import torch
 
 from aquila_fn import pytree
 from aquila_fn.config import ModelConfig
+from parallel import cli
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -38,7 +39,13 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GB, 500MB, 1048576)")
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    return int(float(m.group(1)) * units[(m.group(2) or "").upper()])
+    try:
+        size = int(float(m.group(1)) * units[(m.group(2) or "").upper()])
+    except ValueError:  # "1.2.3"
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GB, 500MB, 1048576)") from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a shard holds at least one byte")
+    return size
 
 
 def detect_format(path: Path) -> str:
@@ -96,8 +103,8 @@ def copy_tokenizer(tokenizer: str | None, dst: Path) -> None:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="HF directory, llama2.c .bin, or native checkpoint")
     p.add_argument("dest", help="output directory")
     p.add_argument("--from", dest="src_format", choices=["hf", "llama2c", "native"],
@@ -113,9 +120,18 @@ def parse_args(argv):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    with cli.user_errors():
+        convert(args)
+    return 0
+
+
+def convert(args) -> None:
     src, dst = Path(args.source), Path(args.dest)
     if not src.exists():
-        raise SystemExit(f"error: {src} does not exist")
+        raise cli.UserError(f"{src} does not exist")
+    if args.tokenizer and not Path(args.tokenizer).exists():
+        raise cli.UserError(f"--tokenizer {args.tokenizer} does not exist")
+    cli.check_output_dir(dst, "dest")
     src_format = args.src_format or detect_format(src)
     dst_format = args.dst_format or ("hf" if src_format == "native" else "native")
     config, params, tokenizer = read(src, src_format)
@@ -130,7 +146,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     n = pytree.param_count(params)
     print(f"{src_format} {src} -> {dst_format} {out}: {n:,} parameters, {config.n_layers} layers, "
           f"dim {config.dim}, vocab {config.vocab_size}")
-    return 0
 
 
 if __name__ == "__main__":

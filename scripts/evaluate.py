@@ -21,26 +21,27 @@ import torch
 
 from aquila_fn import device
 from aquila_fn.evaluate import load_model_and_tokenizer
-from aquila_fn.tasks import TASKS, TaskDataError, run_task
+from aquila_fn.tasks import TASKS, find_task, run_task
+from parallel import cli
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", required=True, type=task_name, help=f"one of {', '.join(TASKS)}")
     p.add_argument("--data", required=True, help="task file or directory (see aquila_fn/tasks.py)")
     p.add_argument("--model", required=True, help="llama2.c .bin, Hugging Face dir or native checkpoint")
     p.add_argument("--tokenizer", help="tokenizer path (default: the model's own, or one beside it)")
     p.add_argument("--adapters", help="LoRA adapter checkpoint to merge into the model")
-    p.add_argument("--limit", type=int, help="first N examples (per subject for mmlu/ceval; "
-                                             "characters of the file for perplexity)")
-    p.add_argument("--shots", type=int, help="few-shot examples (default: the task's standard)")
+    p.add_argument("--limit", type=cli.nonnegative_int, help="first N examples (per subject for "
+                   "mmlu/ceval; characters of the file for perplexity)")
+    p.add_argument("--shots", type=cli.nonnegative_int, help="few-shot examples (default: the task's standard)")
     p.add_argument("--split", help="mmlu: test (default) / val / dev; ceval: val (default) / dev")
     p.add_argument("--subjects", help="comma-separated mmlu/ceval subjects (default: all)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=256, help="generative tasks")
-    p.add_argument("--max-len", type=int, help="context window used (default: the model's)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=8)
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=256, help="generative tasks")
+    p.add_argument("--max-len", type=cli.positive_int, help="context window used (default: the model's)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="generative tasks: the ahead-of-time compiled decode step (see generate.py --compile)")
@@ -51,33 +52,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def task_name(text: str) -> str:
+    """--task: a task name or alias, checked before anything loads."""
+    task = find_task(text)
+    if task is None:
+        raise argparse.ArgumentTypeError(f"unknown task {text!r}; available: {', '.join(TASKS)}")
+    return task.name
+
+
 def _stderr_line(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    with cli.user_errors():
+        run(args)
+    return 0
+
+
+def run(args) -> None:
+    out = Path(args.out or f"{args.task}_results.json")
+    cli.check_output_file(out, "--out")
     print(device.header("evaluate", args.device, dtype=args.dtype), file=sys.stderr, flush=True)
-    try:
-        config, params, tokenizer = load_model_and_tokenizer(
-            args.model, args.tokenizer, adapters_path=args.adapters, dtype=DTYPES[args.dtype],
-            device=args.device)
-        summary, records = run_task(
-            args.task, params, config, tokenizer, args.data, limit=args.limit, shots=args.shots,
-            batch_size=args.batch_size, split=args.split,
-            subjects=args.subjects.split(",") if args.subjects else None,
-            max_new_tokens=args.max_new_tokens, max_len=args.max_len, progress=not args.no_progress,
-            decoder_options=dict(compile=args.compile, cache_dir=args.compile_cache, log=_stderr_line))
-    except (FileNotFoundError, TaskDataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.out or f"{summary['task']}_results.json")
+    config, params, tokenizer = load_model_and_tokenizer(
+        args.model, args.tokenizer, adapters_path=args.adapters, dtype=DTYPES[args.dtype],
+        device=args.device)
+    summary, records = run_task(
+        args.task, params, config, tokenizer, args.data, limit=args.limit, shots=args.shots,
+        batch_size=args.batch_size, split=args.split,
+        subjects=args.subjects.split(",") if args.subjects else None,
+        max_new_tokens=args.max_new_tokens, max_len=args.max_len, progress=not args.no_progress,
+        decoder_options=dict(compile=args.compile, cache_dir=args.compile_cache, log=_stderr_line))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"summary": summary, "args": {**vars(args), "device": str(args.device)},
                               "records": records},
                               ensure_ascii=False, indent=1))
     print(json.dumps({**summary, "out": str(out)}, ensure_ascii=False))
-    return 0
 
 
 if __name__ == "__main__":

@@ -23,46 +23,53 @@ from aquila_fn import device, train
 from aquila_fn.evaluate import load_model_and_tokenizer
 from aquila_fn.finetune import FinetuneConfig, finetune, load_instruction_examples
 from aquila_fn.lora import DEFAULT_TARGETS, lora_merge
+from parallel import cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="llama2.c .bin, Hugging Face dir or native checkpoint")
     p.add_argument("--tokenizer", help="tokenizer path (default: the model's own, or one beside it)")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--lora-rank", type=int, default=8, help="0 = full fine-tune")
-    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-rank", type=cli.nonnegative_int, default=8, help="0 = full fine-tune")
+    p.add_argument("--lora-alpha", type=cli.positive_float, default=16.0)
     p.add_argument("--lora-targets", default=DEFAULT_TARGETS, help="regex on parameter paths")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--min-lr", type=float, default=0.0, help="cosine decay floor (with warmup)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--micro-batches", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=512, help="capped at the model's max_seq_len")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=cli.positive_int, default=100)
+    p.add_argument("--lr", type=cli.nonnegative_float, default=1e-3)
+    p.add_argument("--warmup-steps", type=cli.nonnegative_int, default=0)
+    p.add_argument("--min-lr", type=cli.nonnegative_float, default=0.0, help="cosine decay floor (with warmup)")
+    p.add_argument("--weight-decay", type=cli.nonnegative_float, default=0.0)
+    p.add_argument("--batch-size", type=cli.positive_int, default=8)
+    p.add_argument("--micro-batches", type=cli.positive_int, default=1)
+    p.add_argument("--seq-len", type=cli.positive_int, default=512, help="capped at the model's max_seq_len")
+    p.add_argument("--seed", type=cli.nonnegative_int, default=0)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bf16 where the device computes it natively, else fp32")
-    p.add_argument("--save-every", type=int, default=0, help="0 = at the end only")
+    p.add_argument("--save-every", type=cli.nonnegative_int, default=0, help="0 = at the end only")
     p.add_argument("--merge", action="store_true", help="LoRA: also save the merged model")
     p.add_argument("--no-progress", action="store_true")
     device.add_argument(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.batch_size % args.micro_batches:
+        p.error(f"--batch-size {args.batch_size} does not split into --micro-batches {args.micro_batches}")
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    with cli.user_errors():
+        run(args)
+    return 0
+
+
+def run(args) -> None:
+    cli.check_output_dir(args.out, "--out")
     precision = train.default_precision(args.device) if args.precision == "auto" else args.precision
     print(device.header("finetune", args.device, precision=precision), file=sys.stderr, flush=True)
-    try:
-        config, params, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device=args.device)
-        seq_len = min(args.seq_len, config.max_seq_len)
-        examples = load_instruction_examples(args.data, tokenizer, seq_len)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    config, params, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device=args.device)
+    seq_len = min(args.seq_len, config.max_seq_len)
+    examples = load_instruction_examples(args.data, tokenizer, seq_len)
     cfg = FinetuneConfig(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
                          steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps, min_lr=args.min_lr,
                          weight_decay=args.weight_decay, batch_size=args.batch_size,
@@ -82,7 +89,6 @@ def main(argv=None) -> int:
         summary["merged"] = save_checkpoint(Path(args.out) / "merged", {"params": merged}, step=cfg.steps,
                                             metadata={**meta, "config": config.to_dict()})
     print(json.dumps(summary))
-    return 0
 
 
 if __name__ == "__main__":

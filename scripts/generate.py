@@ -25,28 +25,31 @@ import torch
 from aquila_fn import device
 from aquila_fn.generate import (AQUILA_STOP, DEFAULT_MODEL, Decoder, aquila_chat_prompt,
                                 completion_text, load_model)
+from aquila_fn.files import read_text, utf8_errors
 from aquila_fn.sampling import SamplingParams
+from parallel import cli
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(DEFAULT_MODEL),
                    help="llama2.c .bin, Hugging Face directory or native checkpoint (default: stories260K)")
     p.add_argument("--tokenizer", help="tokenizer file or directory (default: the one shipped with the model)")
     p.add_argument("--prompt", default="", help="prompt text (default: empty, i.e. start from BOS)")
     p.add_argument("--batch-file", help="a file with one prompt per line, generated as one batch")
     p.add_argument("--interactive", action="store_true", help="chat on stdin with the AquilaChat template")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
-    p.add_argument("--num-beams", type=int, default=1, help="> 1: beam search (sampled if --temperature > 0)")
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=256)
+    p.add_argument("--temperature", type=cli.nonnegative_float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=cli.nonnegative_int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=cli.probability, default=1.0, help="1.0 = off")
+    p.add_argument("--repetition-penalty", type=cli.positive_float, default=1.0)
+    p.add_argument("--seed", type=cli.nonnegative_int, default=0, help="seed of the sampling generator")
+    p.add_argument("--num-beams", type=cli.positive_int, default=1,
+                   help="> 1: beam search (sampled if --temperature > 0)")
     p.add_argument("--length-penalty", type=float, default=1.0)
     p.add_argument("--early-stopping", default="false", choices=["true", "false", "never"])
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
@@ -59,12 +62,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="where compiled decode steps are kept (default: $AQUILA_FN_COMPILE_CACHE or "
                         "~/.cache/aquila_fn/compiled)")
     device.add_argument(p)
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's); 1 on an oversubscribed machine")
+    p.add_argument("--threads", type=cli.positive_int, help="CPU threads (default: torch's); 1 on an oversubscribed machine")
     args = p.parse_args(argv)
-    if args.max_new_tokens < 1:
-        p.error("--max-new-tokens must be at least 1")
-    if args.num_beams < 1:
-        p.error("--num-beams must be at least 1")
     if args.interactive and args.batch_file:
         p.error("--interactive and --batch-file are exclusive")
     return args
@@ -74,7 +73,7 @@ def build(args):
     dtype = DTYPES[args.dtype]
     config, params, tok = load_model(args.model, dtype=dtype, device=args.device, tokenizer=args.tokenizer)
     if tok is None:
-        raise SystemExit(f"error: no tokenizer found for {args.model}; pass --tokenizer")
+        raise cli.UserError(f"no tokenizer found for {args.model}; pass --tokenizer")
     if args.quantize == "int8":
         from aquila_fn.quantize import quantize_params
         params = quantize_params(params)
@@ -98,8 +97,8 @@ def fit_max_new(decoder: Decoder, prompts: list[list[int]], wanted: int, err: Te
     """Clamp to the context window, as llama2.c does, instead of failing."""
     room = decoder.config.max_seq_len - max(map(len, prompts))
     if room < 1:
-        raise SystemExit(f"error: the prompt ({max(map(len, prompts))} tokens) fills the "
-                         f"model's context of {decoder.config.max_seq_len}")
+        raise cli.UserError(f"the prompt ({max(map(len, prompts))} tokens) fills the "
+                            f"model's context of {decoder.config.max_seq_len}; shorten it")
     if wanted > room:
         print(f"note: --max-new-tokens {wanted} reduced to {room} to fit max_seq_len", file=err)
     return min(wanted, room)
@@ -208,23 +207,34 @@ def complete_chat(args, decoder, tok, prompt: str, stops, out: TextIO, err: Text
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    with cli.user_errors():
+        run(args)
+    return 0
+
+
+def run(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
+    texts = None if args.interactive else read_prompts(args)  # a bad --batch-file fails before loading
     print(device.header("generate", args.device, dtype=args.dtype), file=sys.stderr, flush=True)
     decoder, tok = build(args)
     args.generator = device.generator(args.device, args.seed)  # one stream for the whole session
     with torch.no_grad():
         if args.interactive:
-            interactive(args, decoder, tok, sys.stdin, sys.stdout, sys.stderr)
-        elif args.batch_file:
-            with open(args.batch_file) as f:
-                texts = [line.rstrip("\n") for line in f if line.strip()]
-            if not texts:
-                raise SystemExit(f"error: {args.batch_file} holds no prompts")
-            complete(args, decoder, tok, texts, sys.stdout, sys.stderr, args.stop)
+            with utf8_errors("<stdin>"):
+                interactive(args, decoder, tok, sys.stdin, sys.stdout, sys.stderr)
         else:
-            complete(args, decoder, tok, [args.prompt], sys.stdout, sys.stderr, args.stop)
-    return 0
+            complete(args, decoder, tok, texts, sys.stdout, sys.stderr, args.stop)
+
+
+def read_prompts(args) -> list[str]:
+    """--prompt, or the lines of --batch-file."""
+    if not args.batch_file:
+        return [args.prompt]
+    texts = [line for line in read_text(args.batch_file).split("\n") if line.strip()]
+    if not texts:
+        raise cli.UserError(f"--batch-file {args.batch_file} holds no prompts")
+    return texts
 
 
 if __name__ == "__main__":

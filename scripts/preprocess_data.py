@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from aquila_fn import data as D
+from parallel import cli
 
 # ModelLink's handler names, accepted as aliases.
 HANDLERS = {
@@ -35,8 +35,8 @@ DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "int32": np.int32, "int64": np
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True,
                    help="input file: .txt (raw text), .jsonl, .json (a list of objects) or .parquet")
     p.add_argument("--input-format", default="auto", choices=["auto", "text", "jsonl", "json", "parquet"],
@@ -55,12 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="append the end-of-document (EOS) token to every document")
     p.add_argument("--append-bos", action="store_true",
                    help="prepend BOS to every pretraining document (alpaca examples always get BOS)")
-    p.add_argument("--seq-length", type=int, default=None,
+    p.add_argument("--seq-length", type=cli.positive_int, default=None,
                    help="alpaca: truncate each example to this many tokens")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="token dtype (auto: uint16 below 65500 ids, else int32, as Megatron)")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (order is preserved)")
-    p.add_argument("--chunk-size", type=int, default=64, help="documents per task sent to a worker")
+    p.add_argument("--workers", type=cli.positive_int, default=1, help="tokenizer processes (order is preserved)")
+    p.add_argument("--chunk-size", type=cli.positive_int, default=64, help="documents per task sent to a worker")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -71,8 +71,7 @@ def _count_documents(path: str, fmt: str) -> int | None:
         with open(path, "rb") as f:
             return sum(1 for line in f if line.strip())
     if fmt == "parquet":
-        import pyarrow.parquet as pq
-        return pq.ParquetFile(path).metadata.num_rows
+        return D.open_parquet(path).metadata.num_rows
     return None
 
 
@@ -107,20 +106,17 @@ def _preprocess_alpaca(args, tok, fmt: str) -> list[str]:
 def main(argv: list[str] | None = None) -> list[str]:
     """Run the command line; returns the written prefixes. Errors exit with a one-line message."""
     args = build_parser().parse_args(argv)
-    from aquila_fn.tokenizer import TokenizerError, load_tokenizer
+    from aquila_fn.tokenizer import load_tokenizer
 
-    try:
-        if args.workers < 1:
-            raise D.DataError(f"--workers must be >= 1, got {args.workers}")
+    with cli.user_errors():
         fmt = D.detect_format(args.input) if args.input_format == "auto" else args.input_format
         if not os.path.isfile(args.input):
             raise D.DataError(f"{args.input}: input file not found")
+        cli.check_output_dir(Path(args.output_prefix).parent, "--output-prefix")
         tok = load_tokenizer(args.tokenizer)
         Path(args.output_prefix).parent.mkdir(parents=True, exist_ok=True)
         run = _preprocess_alpaca if HANDLERS[args.handler_name] == "alpaca" else _preprocess_pretrain
         written = run(args, tok, fmt)
-    except (D.DataError, TokenizerError, FileNotFoundError) as e:
-        sys.exit(f"preprocess_data: error: {e}")
     for prefix in written:
         print(f"wrote {prefix}.bin / .idx")
     return written

@@ -7,14 +7,16 @@ A CASE is "MESH/ZERO/SP/RECOMPUTE", e.g. "tp=2/0/1/none", on the `tiny` config.
 
 Prints `RESULT {...}` (from rank 0) with the bytes of the rank's parameter, gradient and optimizer
 blocks, the bytes autograd saved in one micro-batch's forward (by the saved-tensor hooks; independently by
-walking the autograd graph's saved tensors, real storages; and the profiler's count of what the
-forward allocated and did not free, which also holds the loss and temporaries), the bytes of the
-tensors the forward left alive as the planner's meter counts them on this real forward, and
-the bytes sent by every collective of one full training step.
+walking the autograd graph's saved tensors, real storages; and malloc's count of what the
+forward allocated and did not free, which also holds the loss and the autograd graph's own objects),
+the bytes of the tensors the forward left alive as the planner's meter counts them on this real
+forward, and the bytes sent by every collective of one full training step.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import sys
 
@@ -27,14 +29,39 @@ from ops.rotary import _rope_table_cached
 from parallel.meter import CommMeter, LiveMeter, SavedMeter, graph_saved_bytes, tree_local_bytes
 
 
-def forward_retained_bytes(fn) -> tuple[int, object]:
-    """Bytes the forward allocated and had not freed when it returned (profiler count)."""
-    from torch.profiler import ProfilerActivity, profile
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                       "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-    total = sum(e.self_cpu_memory_usage for e in prof.events())  # allocations minus frees
-    return total, out
+
+def heap_in_use() -> int:
+    """Bytes malloc has handed out and not taken back, over every thread of the process (glibc)."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd  # in the heaps + in mmapped chunks (large tensors)
+
+
+def quiesce(mesh) -> None:
+    """Let every collective already issued finish and its buffers go: gloo runs a group's work
+    in order on its own thread, so a barrier on each group waits for all of it."""
+    for axis in mesh.axes:
+        torch.distributed.barrier(group=mesh.group(axis))
+    gc.collect()
+
+
+def forward_retained_bytes(fn, mesh) -> tuple[int, object]:
+    """Bytes the forward allocated and had not freed when it returned, read off the allocator
+    before and after at quiet moments. (The profiler's count is not used: frees made on gloo's
+    worker thread are not recorded there, so it counted buffers already gone, more or fewer
+    from run to run.) A first, unmeasured forward fills the caches a process builds once."""
+    fn()  # its result and graph are dropped at once
+    quiesce(mesh)
+    _rope_table_cached.cache_clear()  # every measured forward builds it, as the plan's does
+    before = heap_in_use()
+    out = fn()
+    quiesce(mesh)
+    return heap_in_use() - before, out
 
 
 def forward_live_bytes(fn) -> int:
@@ -68,7 +95,7 @@ def measure(spec, zero, sp, recompute, batch_size, seq_len):
         _rope_table_cached.cache_clear()  # every measured forward builds it, as the plan's does
         with SavedMeter(exclude=diff) as saved:
             retained, (total, _) = forward_retained_bytes(
-                lambda: loss_sum(inputs, batch, config, recompute=recompute))
+                lambda: loss_sum(inputs, batch, config, recompute=recompute), mesh)
         graph_bytes = graph_saved_bytes(total, diff)
         loss_bytes = total.numel() * total.element_size()  # the forward's result, not held for backward
         grads = torch.autograd.grad(total, diff)

@@ -172,8 +172,8 @@ def test_evaluate_cli_perplexity_and_errors(assets, tmp_path, capsys):
     assert rc == 0
     line = json.loads(capsys.readouterr().out.strip())
     assert line["task"] == "perplexity" and line["n"] > 100 and 1.5 < line["perplexity"] < 10
-    assert main(["--task", "nope", "--data", "x", "--model", str(assets / "stories260K.bin")]) == 2
-    assert "unknown task 'nope'" in capsys.readouterr().err
-    assert main(["--task", "boolq", "--data", str(tmp_path / "missing.jsonl"),
-                 "--model", str(assets / "stories260K.bin")]) == 2
-    assert "missing.jsonl" in capsys.readouterr().err
+    for argv, words in [(["--task", "nope", "--data", "x"], "unknown task 'nope'"),
+                        (["--task", "boolq", "--data", str(tmp_path / "missing.jsonl")], "missing.jsonl")]:
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, "--model", str(assets / "stories260K.bin")])
+        assert exc.value.code == 2 and words in capsys.readouterr().err

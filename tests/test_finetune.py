@@ -118,6 +118,7 @@ def test_finetune_cli_full_writes_a_loadable_checkpoint(assets, tmp_path, capsys
     assert summary["mode"] == "full" and Path(summary["checkpoint"]).name == "step_00000002"
     config, params, tokenizer = load_model_and_tokenizer(summary["checkpoint"])  # tokenizer from metadata
     assert config.dim == 64 and tokenizer.vocab_size == 512
-    assert load_script("finetune").main(["--model", str(assets / "stories260K.bin"), "--data",
-                                         str(tmp_path / "missing.json"), "--out", str(out)]) == 2
-    assert "missing.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        load_script("finetune").main(["--model", str(assets / "stories260K.bin"), "--data",
+                                      str(tmp_path / "missing.json"), "--out", str(out)])
+    assert exc.value.code == 2 and "missing.json" in capsys.readouterr().err

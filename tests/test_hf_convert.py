@@ -67,6 +67,7 @@ def test_hf_export_loads_in_transformers_sharded_bf16(tmp_path):
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
 
 
-def test_missing_source_is_an_error(tmp_path):
-    with pytest.raises(SystemExit, match="does not exist"):
+def test_missing_source_is_an_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
         convert.main([str(tmp_path / "nope"), str(tmp_path / "out")])
+    assert exc.value.code == 2 and "does not exist" in capsys.readouterr().err

@@ -178,7 +178,7 @@ def test_bf16_compute_close_to_fp32():
 def test_token_outside_vocab_is_named():
     params = af.init_params(CFG, 0)
     bad = torch.tensor([[1, 2, CFG.vocab_size + 5]])
-    with pytest.raises(TokenError, match=f"token id {CFG.vocab_size + 5} is outside the vocabulary"):
+    with pytest.raises(TokenError, match=f"token id {CFG.vocab_size + 5} is outside the model's vocabulary"):
         af.forward(params, bad, CFG)
     with pytest.raises(TokenError, match="token id -1"):
         af.forward(params, torch.tensor([[-1, 2]]), CFG)

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from dist_launch import torchrun
+from dist_launch import ROOT, rank_output, torchrun
 
 TIMEOUT_S = 5
 
@@ -27,3 +27,22 @@ def test_a_failed_rank_ends_the_run_with_a_clear_error(mode, words):
     assert "[rank 0]" in out and "aborting" in out
     assert "UNEXPECTEDLY" not in out
     assert elapsed < 60, f"took {elapsed:.0f}s to fail"
+
+
+@pytest.mark.parametrize("script, args, words", [
+    # every rank meets the same bad config before the process group exists
+    (str(ROOT / "scripts" / "pretrain.py"), ["--config", "{tmp}/cfg.json", "--out", "{tmp}/run"],
+     "cfg.json: config lacks field(s): n_layers"),
+    # one rank meets a bad file while the other waits for it in a collective
+    ("dist_user_error.py", [], "/data/shard1.bin: No such file"),
+])
+def test_a_user_error_under_torchrun_is_printed_once_and_ends_every_rank(tmp_path, script, args, words):
+    (tmp_path / "cfg.json").write_text('{"dim": 64}')
+    proc = torchrun(script, 2, *(a.format(tmp=tmp_path) for a in args), timeout=120, check=False,
+                    log_dir=tmp_path / "logs")
+    ranks = rank_output(tmp_path / "logs")
+    lines = [line for text in ranks.values() for line in text.splitlines() if ": error: " in line]
+    assert proc.returncode != 0 and len(ranks) == 2
+    assert len(lines) == 1 and words in lines[0], ranks
+    assert not any("Traceback" in text for text in ranks.values()), ranks
+    assert "exitcode  : 0" not in proc.stderr  # torchrun's summary: no rank ended as if it succeeded

@@ -14,11 +14,9 @@ from dist_launch import ROOT, TESTS, results, torchrun
 from aquila_fn.config import get_config
 
 CASES = ["tp=2/0/0/none", "tp=2/0/1/none", "dp=2/1/0/selective", "dp=2/2/0/none", "dp=2/3/0/none"]
-# Cases whose forward runs collectives: there gloo keeps staging memory that no tensor holds (under
-# ZeRO-3 about one gathered copy of the weights, ~11-14 MB here; 0-0.5 MB with tensor parallelism,
-# 2.5-4.7 MB with sequence parallelism: it varies from run to run), which the profiler counts and a
-# meta run cannot have.
-COLLECTIVES = ("tp=2/0/0/none", "tp=2/0/1/none", "dp=2/3/0/none")
+# What the real forward leaves allocated also holds what the plan does not count: the autograd
+# graph's own nodes and malloc's bookkeeping (0.4 MiB on these runs, the same from run to run).
+GRAPH_OVERHEAD = 1 << 20
 BATCH, SEQ = "4", "64"
 
 
@@ -48,14 +46,11 @@ def test_plan_matches_real_allocations_and_traffic(planned_and_measured, case):
     # keeps the same tensors
     act = plan["activation_bytes"]
     assert act == pytest.approx(real["forward_live_bytes"], rel=0.02), (case, act, real["forward_live_bytes"])
-    # and what the real forward allocated and had not freed when it returned (the profiler's
-    # allocation records, independent of the planner's meter): the same where the forward runs
-    # no collectives; where it does, that plus gloo's staging (see COLLECTIVES)
+    # and what the real forward allocated and had not freed when it returned (malloc's count over
+    # all threads once every collective has finished; independent of the planner's meter), for
+    # every layout, collectives and ZeRO-3 re-gathers included
     real_act = real["forward_retained_bytes"]
-    if case in COLLECTIVES:
-        assert act <= real_act * 1.02, (case, act, real_act)
-    else:
-        assert act == pytest.approx(real_act, rel=0.02), (case, act, real_act)
+    assert real_act - GRAPH_OVERHEAD <= act <= real_act, (case, act, real_act)
     # bytes sent by every collective of a real training step (it also reduces the loss and
     # token counts for its metrics: a few bytes the plan leaves out)
     assert real["comm_sent_bytes"] == pytest.approx(plan["comm_sent_bytes"], rel=0.02), case

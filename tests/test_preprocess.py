@@ -1,6 +1,7 @@
 """scripts/preprocess_data.py end to end, run in-process through main(argv)."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -94,18 +95,27 @@ def test_alpaca_packed_datasets(pp, tok_path, tok, tmp_path, assets):
         assert (got["labels"][:n_prompt] == -100).all()
 
 
-def test_errors_are_one_line_messages(pp, tok_path, tmp_path):
-    with pytest.raises(SystemExit, match=r"missing\.jsonl: input file not found"):
-        _run(pp, tok_path, "--input", tmp_path / "missing.jsonl", "--output-prefix", tmp_path / "x")
+def _error(capsys, run) -> str:
+    with pytest.raises(SystemExit) as exc:
+        run()
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_errors_are_one_line_messages(pp, tok_path, tmp_path, capsys):
+    err = _error(capsys, lambda: _run(pp, tok_path, "--input", tmp_path / "missing.jsonl",
+                                      "--output-prefix", tmp_path / "x"))
+    assert re.search(r"error: .*missing\.jsonl: input file not found", err)
     src = tmp_path / "in.jsonl"
     src.write_text('{"text": "a"}\n{"other": "b"}\n')
-    with pytest.raises(SystemExit, match=r"in\.jsonl: line 2: missing key\(s\) \['text'\]"):
-        _run(pp, tok_path, "--input", src, "--output-prefix", tmp_path / "x")
+    err = _error(capsys, lambda: _run(pp, tok_path, "--input", src, "--output-prefix", tmp_path / "x"))
+    assert re.search(r"in\.jsonl: line 2: missing key\(s\) \['text'\]", err)
     assert not list(tmp_path.glob("x_*"))  # no half-written dataset left behind
     src.write_text('{"text": "a"}\n')
-    with pytest.raises(SystemExit, match=r"token id .* does not fit in uint8"):
-        pp.main(["--input", str(src), "--output-prefix", str(tmp_path / "y"), "--no-progress",
-                 "--tokenizer-model", tok_path, "--dtype", "uint8", "--append-eod"])
+    err = _error(capsys, lambda: pp.main(["--input", str(src), "--output-prefix", str(tmp_path / "y"),
+                                          "--no-progress", "--tokenizer-model", tok_path, "--dtype", "uint8",
+                                          "--append-eod"]))
+    assert re.search(r"token id .* does not fit in uint8", err)
 
 
 def test_help_lists_the_options(pp, capsys):
