@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -334,6 +335,9 @@ CASES = {
 }
 
 
+HEADER = re.compile(r"^\w+: device \S+.*, torch \S+$")
+
+
 def _main(script: str):
     if script == "pretrain":
         from aquila_fn.pretrain import main
@@ -346,7 +350,8 @@ def _main(script: str):
 
 def _error_line(err: str) -> str:
     assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
+    # besides the error, only the job's header (`pretrain: device cpu, ...`) may precede it
+    lines = [line for line in err.splitlines() if line.strip() and not HEADER.match(line)]
     errors = [line for line in lines if ": error: " in line]
     assert len(errors) == 1 and len(lines) == 1, err
     return errors[0]
