@@ -16,8 +16,8 @@ import time
 import torch
 
 import parallel
-from aquila_fn import optim, sharding, train
-from aquila_fn.config import get_config
+from aquila_fn.training import optim, sharding, train
+from aquila_fn.core.config import get_config
 
 CONFIG = get_config("tiny")  # 3.5M parameters: 14 MiB of fp32 gradients per step
 BATCH, SEQ, MICRO = 8, 128, 4  # per rank: 4 micro-batches of one 128-token sequence

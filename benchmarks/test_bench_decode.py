@@ -36,9 +36,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from aquila_fn import get_config, init_params, pytree
-from aquila_fn.generate import Decoder
-from aquila_fn.quantize import quantize_params, weight_bytes
+from aquila_fn import get_config, init_params
+from aquila_fn.core import pytree
+from aquila_fn.inference.generate import Decoder
+from aquila_fn.core.quantize import quantize_params, weight_bytes
 
 PROMPT = [list(range(1, 17))]
 NEW_TOKENS = 64
@@ -73,7 +74,7 @@ def model():
 @pytest.fixture(scope="module")
 def hf_model(model):
     transformers = pytest.importorskip("transformers")
-    from aquila_fn.hf import hf_state_dict
+    from aquila_fn.interop.hf import hf_state_dict
     config, params = model
     hf = {k: v for k, v in config.to_hf().items() if k not in ("architectures", "torch_dtype")}
     m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf)).eval()
@@ -218,8 +219,8 @@ BUILD_TIMEOUT_S = 3600
 @pytest.fixture(scope="module")
 def small_hf_dir(model, tmp_path_factory):
     import shutil
-    from aquila_fn.generate import ASSETS
-    from aquila_fn.hf import save_hf
+    from aquila_fn.inference.generate import ASSETS
+    from aquila_fn.interop.hf import save_hf
     config, params = model
     path = tmp_path_factory.mktemp("small_hf")
     save_hf(path, config, params)
@@ -233,7 +234,7 @@ def test_generate_script_second_run_vs_transformers(benchmark, small_hf_dir, cop
     import contextlib
     import io
     import sys
-    from aquila_fn import decode_compile
+    from aquila_fn.inference import decode_compile
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from script_module import load_script
     cli = load_script("generate")
@@ -296,7 +297,7 @@ def test_generate_script_second_run_vs_transformers(benchmark, small_hf_dir, cop
 
 
 def _wait_for_background_build(directory) -> float:
-    from aquila_fn import decode_compile
+    from aquila_fn.inference import decode_compile
     t = time.perf_counter()
     while any(decode_compile.build_in_progress(p.with_suffix(".pt2")) for p in directory.glob("decode-*.lock")):
         assert time.perf_counter() - t < BUILD_TIMEOUT_S, "the background build did not finish"

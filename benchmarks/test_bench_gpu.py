@@ -29,7 +29,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +37,11 @@ import numpy as np
 import pytest
 import torch
 
-from aquila_fn import device, get_config, init_params
+from aquila_fn import get_config, init_params
+from aquila_fn.core import device
 from aquila_fn.data import IndexedDatasetBuilder
-from aquila_fn.pretrain import peak_flops
-from aquila_fn.quantize import weight_bytes
+from aquila_fn.jobs.pretrain import peak_flops
+from aquila_fn.core.quantize import weight_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = os.environ.get("AQUILA_BENCH_GPU_SMOKE") == "1"
@@ -264,7 +264,7 @@ def copy_bandwidth(dev, nbytes: int, repeats: int = 5) -> float:
 
 
 def aquila_decode(params, config, dev, shape: Shape) -> dict:
-    from aquila_fn.generate import Decoder
+    from aquila_fn.inference.generate import Decoder
 
     decoder = Decoder(params, config, compile=True, compute_dtype=params["embed"].dtype)
     prompt = [list(range(1, shape.prompt + 1))]

@@ -45,7 +45,8 @@ def _serve(rank: int, port: int, conn) -> None:
 
     torch.set_num_threads(1)
     import parallel
-    from aquila_fn import get_config, optim, sharding, train
+    from aquila_fn import get_config
+    from aquila_fn.training import optim, sharding, train
 
     config = get_config(CONFIG)
     ids = torch.randint(0, config.vocab_size, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(0))

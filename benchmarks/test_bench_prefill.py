@@ -9,7 +9,8 @@ Run: pytest benchmarks/test_bench_prefill.py --benchmark-only
 import pytest
 import torch
 
-from aquila_fn import forward, get_config, init_cache, init_params, pytree
+from aquila_fn import forward, get_config, init_cache, init_params
+from aquila_fn.core import pytree
 
 CFG = get_config("small")
 PROMPT, CACHE = 512, 2048

@@ -4,7 +4,7 @@ transformers' LlamaForCausalLM in fp32 eager with torch.optim.AdamW, built from 
 (no hub), in the same run. Target: aquila-fn at least 2.5x the reference's throughput.
 
 extra_info of each case: tokens/s, MFU against this machine's measured matmul peak for the
-compute dtype (fp32 0.2, bf16 0.875 TFLOP/s; `aquila_fn.pretrain.PEAK_TFLOPS`), and peak memory
+compute dtype (fp32 0.2, bf16 0.875 TFLOP/s; `aquila_fn.jobs.pretrain.PEAK_TFLOPS`), and peak memory
 (peak RSS of a fresh process running a few steps, above its after-imports baseline).
 
 Run: pytest benchmarks/test_bench_train.py --benchmark-only
@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from aquila_fn import get_config, init_params, optim, train
-from aquila_fn.pretrain import peak_flops
+from aquila_fn import get_config, init_params
+from aquila_fn.training import optim, train
+from aquila_fn.jobs.pretrain import peak_flops
 
 CFG = get_config("small")
 BATCH, SEQ = 4, 256

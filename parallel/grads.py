@@ -16,7 +16,7 @@ tensor-parallel axis, unused leaves, uneven splits) with plain redistributions.
 
 Gradient accumulation (`begin_step(micro_batches)`): replicated leaves are reduced once, during
 the last micro-batch's backward, as DDP's no_sync does: the hook adds that micro-batch's
-gradient to the running sum of the earlier ones, which `aquila_fn.train.accumulate_gradients`
+gradient to the running sum of the earlier ones, which `aquila_fn.training.train.accumulate_gradients`
 keeps in place in the first micro-batch's gradient tensors. Split leaves (ZeRO-3) are
 reduce-scattered in every micro-batch, so no rank ever holds a whole gradient, and the shards
 are summed. A loss scale (fp16) is divided out of the reduced buckets in `finish`.
@@ -256,7 +256,7 @@ class GradReducer:
         for path, g in named_leaves(grads):
             if path in self._first and path in self._reduced and g is not self._first[path]:
                 raise RuntimeError(f"gradient of {path!r} was not accumulated in place into the first "
-                                   "micro-batch's gradient (see aquila_fn.train.accumulate_gradients)")
+                                   "micro-batch's gradient (see aquila_fn.training.train.accumulate_gradients)")
 
     # ------------------------------------------------------------------ helpers
 

@@ -12,7 +12,7 @@ saved tensors, inputs kept for recomputation, gathered weights) times the micro-
 pipeline schedule keeps in flight; communication is every collective the
 forward, backward, gradient reduction and optimizer step issue (`meter.CommMeter`).
 
-The model comes from a plugin module (`--model`, default `aquila_fn.sharding`) exposing
+The model comes from a plugin module (`--model`, default `aquila_fn.training.sharding`) exposing
 `plan_model(config, overrides, precision, recompute) -> PlanModel`; parallel/ itself knows no
 model.
 """
@@ -265,7 +265,7 @@ def load_model(spec: str, config: str, overrides: dict, precision: str, recomput
         if e.name is None or not module.startswith(e.name):
             raise  # the plugin itself imports something missing: its bug, with its traceback
         raise cli.UserError(f"--model {spec}: no module named {e.name!r} (give an importable "
-                            f"module[:function], e.g. aquila_fn.sharding)") from None
+                            f"module[:function], e.g. aquila_fn.training.sharding)") from None
     if not hasattr(plugin, fn or "plan_model"):
         raise cli.UserError(f"--model {spec}: module {module} has no function {fn or 'plan_model'!r}")
     return getattr(plugin, fn or "plan_model")(config, overrides, precision, recompute)
@@ -290,7 +290,7 @@ def _overrides(text: str) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m parallel.plan", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="aquila_fn.sharding", help="plugin module[:function]")
+    p.add_argument("--model", default="aquila_fn.training.sharding", help="plugin module[:function]")
     p.add_argument("--config", required=True, help="model preset, e.g. aquila2-34b")
     p.add_argument("--model-overrides", type=_overrides, default={}, help="e.g. n_layers=4,dim=512")
     p.add_argument("--mesh", required=True, type=cli.mesh_spec, help="e.g. dp=8,tp=8,pp=2")

@@ -1,7 +1,7 @@
 """Pytree helpers (optree): a leaf's identity is its dotted path, e.g. `layers.3.attn.wq`.
 
 The primitives for the whole project: parallel/ imports nothing from aquila_fn, and
-aquila_fn.pytree builds its dict helpers on these. None is not a leaf (an empty subtree).
+aquila_fn.core.pytree builds its dict helpers on these. None is not a leaf (an empty subtree).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert model checkpoints: Hugging Face <-> native (aquila_fn.checkpoint msgpack), llama2.c -> native.
+"""Convert model checkpoints: Hugging Face <-> native (aquila_fn.training.checkpoint msgpack), llama2.c -> native.
 
     python scripts/convert_checkpoint.py path/to/hf_dir  out/native            # HF -> native
     python scripts/convert_checkpoint.py out/native      out/hf --to hf        # native -> HF
@@ -23,8 +23,8 @@ from typing import Sequence
 
 import torch
 
-from aquila_fn import pytree
-from aquila_fn.config import ModelConfig
+from aquila_fn.core import pytree
+from aquila_fn.core.config import ModelConfig
 from parallel import cli
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -49,7 +49,7 @@ def parse_size(text: str) -> int:
 
 
 def detect_format(path: Path) -> str:
-    from aquila_fn.generate import _is_llama2c
+    from aquila_fn.inference.generate import _is_llama2c
     if path.is_dir() and (path / "config.json").is_file():
         return "hf"
     if _is_llama2c(path):
@@ -60,20 +60,20 @@ def detect_format(path: Path) -> str:
 def read(path: Path, fmt: str) -> tuple[ModelConfig, dict, str | None]:
     """(config, params, tokenizer path or None)."""
     if fmt == "hf":
-        from aquila_fn.hf import load_hf
+        from aquila_fn.interop.hf import load_hf
         config, params = load_hf(path)
         has_tokenizer = any((path / name).is_file() for name in TOKENIZER_FILES)
         return config, params, str(path) if has_tokenizer else None
     if fmt == "llama2c":
-        from aquila_fn.llama2c import load_llama2c
+        from aquila_fn.interop.llama2c import load_llama2c
         config, params = load_llama2c(path)
         return config, params, None
-    from aquila_fn.generate import _load_native
+    from aquila_fn.inference.generate import _load_native
     return _load_native(path, None)
 
 
 def write_native(dst: Path, config: ModelConfig, params: dict, source: Path, tokenizer: str | None) -> Path:
-    from aquila_fn.checkpoint import save_checkpoint
+    from aquila_fn.training.checkpoint import save_checkpoint
     metadata = {"config": config.to_dict(), "source": str(source)}
     if tokenizer:
         metadata["tokenizer"] = str(Path(tokenizer).resolve())
@@ -81,7 +81,7 @@ def write_native(dst: Path, config: ModelConfig, params: dict, source: Path, tok
 
 
 def write_hf(dst: Path, config: ModelConfig, params: dict, tokenizer: str | None, max_shard_bytes: int) -> Path:
-    from aquila_fn.hf import save_hf
+    from aquila_fn.interop.hf import save_hf
     save_hf(dst, config, params, max_shard_bytes=max_shard_bytes)
     copy_tokenizer(tokenizer, dst)
     return dst

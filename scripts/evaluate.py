@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from aquila_fn import device
-from aquila_fn.evaluate import load_model_and_tokenizer
-from aquila_fn.tasks import TASKS, find_task, run_task
+from aquila_fn.core import device
+from aquila_fn.evaluation.evaluate import load_model_and_tokenizer
+from aquila_fn.evaluation.tasks import TASKS, find_task, run_task
 from parallel import cli
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -30,7 +30,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def parse_args(argv=None) -> argparse.Namespace:
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, type=task_name, help=f"one of {', '.join(TASKS)}")
-    p.add_argument("--data", required=True, help="task file or directory (see aquila_fn/tasks.py)")
+    p.add_argument("--data", required=True, help="task file or directory (see aquila_fn/evaluation/tasks.py)")
     p.add_argument("--model", required=True, help="llama2.c .bin, Hugging Face dir or native checkpoint")
     p.add_argument("--tokenizer", help="tokenizer path (default: the model's own, or one beside it)")
     p.add_argument("--adapters", help="LoRA adapter checkpoint to merge into the model")

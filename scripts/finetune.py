@@ -19,10 +19,11 @@ import json
 import sys
 from pathlib import Path
 
-from aquila_fn import device, train
-from aquila_fn.evaluate import load_model_and_tokenizer
-from aquila_fn.finetune import FinetuneConfig, finetune, load_instruction_examples
-from aquila_fn.lora import DEFAULT_TARGETS, lora_merge
+from aquila_fn.core import device
+from aquila_fn.training import train
+from aquila_fn.evaluation.evaluate import load_model_and_tokenizer
+from aquila_fn.jobs.finetune import FinetuneConfig, finetune, load_instruction_examples
+from aquila_fn.training.lora import DEFAULT_TARGETS, lora_merge
 from parallel import cli
 
 
@@ -84,7 +85,7 @@ def run(args) -> None:
                "loss_first": result["metrics"][0]["loss"], "loss_last": result["metrics"][-1]["loss"],
                "checkpoint": result["checkpoint"], "metrics": str(Path(args.out) / "metrics.jsonl")}
     if cfg.is_lora and args.merge:
-        from aquila_fn.checkpoint import save_checkpoint
+        from aquila_fn.training.checkpoint import save_checkpoint
         merged = lora_merge(params, result["trainable"], cfg.lora_alpha)
         summary["merged"] = save_checkpoint(Path(args.out) / "merged", {"params": merged}, step=cfg.steps,
                                             metadata={**meta, "config": config.to_dict()})

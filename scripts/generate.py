@@ -22,11 +22,11 @@ from typing import Sequence, TextIO
 
 import torch
 
-from aquila_fn import device
-from aquila_fn.generate import (AQUILA_STOP, DEFAULT_MODEL, Decoder, aquila_chat_prompt,
+from aquila_fn.core import device
+from aquila_fn.inference.generate import (AQUILA_STOP, DEFAULT_MODEL, Decoder, aquila_chat_prompt,
                                 completion_text, load_model)
-from aquila_fn.files import read_text, utf8_errors
-from aquila_fn.sampling import SamplingParams
+from aquila_fn.core.files import read_text, utf8_errors
+from aquila_fn.inference.sampling import SamplingParams
 from parallel import cli
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -75,7 +75,7 @@ def build(args):
     if tok is None:
         raise cli.UserError(f"no tokenizer found for {args.model}; pass --tokenizer")
     if args.quantize == "int8":
-        from aquila_fn.quantize import quantize_params
+        from aquila_fn.core.quantize import quantize_params
         params = quantize_params(params)
     # Compiled CPU decoding is bandwidth-bound: huge pages speed up its sweep over the weights.
     hugepages = args.compile != "off" and args.device.type == "cpu"

@@ -106,7 +106,7 @@ def _preprocess_alpaca(args, tok, fmt: str) -> list[str]:
 def main(argv: list[str] | None = None) -> list[str]:
     """Run the command line; returns the written prefixes. Errors exit with a one-line message."""
     args = build_parser().parse_args(argv)
-    from aquila_fn.tokenizer import load_tokenizer
+    from aquila_fn.data.tokenizer import load_tokenizer
 
     with cli.user_errors():
         fmt = D.detect_format(args.input) if args.input_format == "auto" else args.input_format

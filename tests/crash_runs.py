@@ -48,7 +48,8 @@ def _counter(n: int):
 def install_failpoint(at: str, n: int) -> None:
     import shutil
 
-    from aquila_fn import checkpoint, pretrain
+    from aquila_fn.jobs import pretrain
+    from aquila_fn.training import checkpoint
 
     count = _counter(n)
     if at == "record":
@@ -116,7 +117,7 @@ def child(cmd: dict) -> None:
     try:
         if cmd.get("failpoint"):
             install_failpoint(cmd["failpoint"]["at"], cmd["failpoint"]["n"])
-        from aquila_fn.pretrain import main
+        from aquila_fn.jobs.pretrain import main
         code = main(cmd["argv"]) or 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
@@ -138,7 +139,7 @@ def serve() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401 - imported once here, not in every child
 
-    import aquila_fn.pretrain  # noqa: F401 - the warm import the children share
+    import aquila_fn.jobs.pretrain  # noqa: F401 - the warm import the children share
 
     reply = sys.stdout
     for line in sys.stdin:

@@ -16,7 +16,7 @@ import sys
 import torch
 
 import parallel
-from aquila_fn import checkpoint, sharding, train
+from aquila_fn.training import checkpoint, sharding, train
 from dist_layouts import CONFIG, SEED, batches, make_optimizer
 
 

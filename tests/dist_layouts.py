@@ -23,9 +23,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import parallel
-from aquila_fn import optim, pipeline_stages, sharding, train
-from aquila_fn.config import get_config
-from aquila_fn.transforms import value_and_grad
+from aquila_fn.training import optim, pipeline_stages, sharding, train
+from aquila_fn.core.config import get_config
+from aquila_fn.core.transforms import value_and_grad
 
 CONFIG = get_config("tiny").replace(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=64,
                                     vocab_size=64, max_seq_len=64, tie_embeddings=False)

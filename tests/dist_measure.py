@@ -23,8 +23,8 @@ import sys
 import torch
 
 import parallel
-from aquila_fn import optim, sharding, train
-from aquila_fn.config import get_config
+from aquila_fn.training import optim, sharding, train
+from aquila_fn.core.config import get_config
 from ops.rotary import _rope_table_cached
 from parallel.meter import CommMeter, LiveMeter, SavedMeter, graph_saved_bytes, tree_local_bytes
 
@@ -117,7 +117,7 @@ def measure(spec, zero, sp, recompute, batch_size, seq_len):
 
 def plan_case(spec, zero, sp, recompute, batch_size, seq_len):
     from parallel.plan import plan
-    from aquila_fn.sharding import plan_model
+    from aquila_fn.training.sharding import plan_model
 
     model = plan_model("tiny", {}, "fp32", recompute)
     _rope_table_cached.cache_clear()  # its forward builds the rotary table, as the measured ones do

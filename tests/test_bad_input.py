@@ -17,7 +17,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import msgpack
 import numpy as np
 import pytest
 
@@ -80,9 +79,9 @@ def _write_bad_files(d: Path) -> None:
 def _write_bad_models(d: Path) -> None:
     import torch
 
-    from aquila_fn.checkpoint import save_checkpoint
-    from aquila_fn.hf import save_hf
-    from aquila_fn.llama2c import load_llama2c
+    from aquila_fn.training.checkpoint import save_checkpoint
+    from aquila_fn.interop.hf import save_hf
+    from aquila_fn.interop.llama2c import load_llama2c
 
     config, params = load_llama2c(ASSETS / "stories260K.bin")
     save_hf(d / "hf", config, params)
@@ -340,7 +339,7 @@ HEADER = re.compile(r"^\w+: device \S+.*, torch \S+$")
 
 def _main(script: str):
     if script == "pretrain":
-        from aquila_fn.pretrain import main
+        from aquila_fn.jobs.pretrain import main
         return main
     if script == "plan":
         from parallel.plan import main
@@ -387,7 +386,7 @@ def test_non_utf8_chat_input_is_one_clear_line(monkeypatch, capsys):
 
 def test_a_bug_keeps_its_traceback(bad, monkeypatch):
     """The boundary handles the user's mistakes only: an unexpected exception propagates."""
-    from aquila_fn import generate
+    from aquila_fn.inference import generate
 
     def broken(*args, **kwargs):
         raise KeyError("an internal bug")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aquila_fn import pretrain
+from aquila_fn.jobs import pretrain
 from script_module import ROOT
 
 

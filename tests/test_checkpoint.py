@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from aquila_fn import checkpoint as C
-from aquila_fn.pytree import named_leaves
+from aquila_fn.training import checkpoint as C
+from aquila_fn.core.pytree import named_leaves
 
 
 def _state(seed=0):

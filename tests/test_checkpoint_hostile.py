@@ -13,7 +13,7 @@ import msgpack
 import pytest
 import torch
 
-from aquila_fn import checkpoint as C
+from aquila_fn.training import checkpoint as C
 
 
 def _leaf(path="w", dtype="float32", shape=(4,), data=None, **over) -> tuple[dict, list[bytes]]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from aquila_fn import checkpoint
+from aquila_fn.training import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "aquila_fn" / "assets"
@@ -76,7 +76,7 @@ def runner(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data_prefix(tmp_path_factory) -> str:
     from aquila_fn.data import build_indexed_dataset, iter_text_documents
-    from aquila_fn.tokenizer import load_tokenizer
+    from aquila_fn.data.tokenizer import load_tokenizer
 
     docs = list(iter_text_documents(ASSETS / "tinystories.txt"))[:40]
     return build_indexed_dataset(docs, load_tokenizer(ASSETS / "tok512.model"),

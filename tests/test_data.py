@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from aquila_fn import data as D
-from aquila_fn.tokenizer import load_tokenizer
+from aquila_fn.data.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ import sys
 import pytest
 import torch
 
-from aquila_fn import decode_compile as dc
+from aquila_fn.inference import decode_compile as dc
 from alloc_count import Allocations
 from aquila_fn import get_config, init_params
-from aquila_fn.generate import Decoder, decode_step
-from aquila_fn.quantize import quantize_params
-from aquila_fn.step_graph import GraphStep
+from aquila_fn.inference.generate import Decoder, decode_step
+from aquila_fn.core.quantize import quantize_params
+from aquila_fn.inference.step_graph import GraphStep
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -115,7 +115,7 @@ def test_background_build_plumbing(tmp_path, params, monkeypatch):
     package = spec.package_path(tmp_path)
     assert dc.start_background_build(spec, tmp_path) == 4242
     [(cmd, kwargs)] = spawned
-    assert cmd[:3] == [sys.executable, "-m", "aquila_fn.decode_compile"] and kwargs["start_new_session"]
+    assert cmd[:3] == [sys.executable, "-m", "aquila_fn.inference.decode_compile"] and kwargs["start_new_session"]
     assert dc._lock_path(package).read_text() == "4242"
     dc._lock_path(package).write_text(str(os.getpid()))  # a live builder holds it: no second build
     assert dc.start_background_build(spec, tmp_path) is None and len(spawned) == 1
@@ -231,7 +231,7 @@ def test_graph_step_replays_static_buffers(params):
 
 def test_npu_decode_uses_torchair_reduce_overhead(monkeypatch):
     from npu_standin import make_torch_npu, make_torchair
-    from aquila_fn.generate import _npu_graph_step
+    from aquila_fn.inference.generate import _npu_graph_step
     torchair = make_torchair()
     monkeypatch.setitem(sys.modules, "torch_npu", make_torch_npu())
     monkeypatch.setitem(sys.modules, "torchair", torchair)

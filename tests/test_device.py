@@ -1,4 +1,4 @@
-"""aquila_fn.device: the --device convention of every job, and its plumbing into the jobs.
+"""aquila_fn.core.device: the --device convention of every job, and its plumbing into the jobs.
 
 No accelerator here: CUDA and NPU are faked by monkeypatching torch.cuda / a stand-in torch_npu
 (device counts, set_device, names), which is all resolution reads. Where tensors must really
@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import parallel
-from aquila_fn import checkpoint, device, pytree
-from aquila_fn import pretrain as pretrain_mod
+from aquila_fn.core import device, pytree
+from aquila_fn.training import checkpoint
+from aquila_fn.jobs import pretrain as pretrain_mod
 from script_module import ROOT, load_script
 
 ASSETS = ROOT / "aquila_fn" / "assets"
@@ -70,7 +71,7 @@ def test_under_torchrun_each_rank_takes_its_local_rank(fake_cuda, monkeypatch):
 
 NPU_CHECK = """
 import os, sys, types, torch
-from aquila_fn import device
+from aquila_fn.core import device
 # What importing torch_npu does: name the privateuse1 device "npu" (irreversible, hence this
 # separate process) and register torch.npu. Eight Ascend 910B2 and two GPUs are visible.
 torch.utils.rename_privateuse1_backend("npu")
@@ -141,7 +142,7 @@ def test_peak_flops_follow_the_device(fake_cuda, monkeypatch):
 
 
 def test_precision_auto_follows_the_device(fake_cuda, monkeypatch):
-    from aquila_fn import train
+    from aquila_fn.training import train
     from ops import _dispatch
     monkeypatch.setattr(_dispatch, "NATIVE_CPU_MATMUL_DTYPES", frozenset({torch.float32}))
     assert train.default_precision(torch.device("cuda", 1)) == "bf16"

@@ -1,4 +1,4 @@
-"""Scoring primitives (aquila_fn.evaluate) against direct computations from `forward`, and the
+"""Scoring primitives (aquila_fn.evaluation.evaluate) against direct computations from `forward`, and the
 evaluate CLI end to end on the shipped BoolQ dev set with stories260K."""
 
 import json
@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from aquila_fn import evaluate as ev
-from aquila_fn.llama2c import load_llama2c
-from aquila_fn.model import forward, loss_sum_fn
-from aquila_fn.tokenizer import load_tokenizer
+from aquila_fn.evaluation import evaluate as ev
+from aquila_fn.interop.llama2c import load_llama2c
+from aquila_fn.core.model import forward, loss_sum_fn
+from aquila_fn.data.tokenizer import load_tokenizer
 
 from script_module import load_script
 

@@ -6,15 +6,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from aquila_fn import data, pytree
-from aquila_fn.checkpoint import load_checkpoint
-from aquila_fn.config import get_config
-from aquila_fn.evaluate import load_model_and_tokenizer
-from aquila_fn.finetune import (FinetuneConfig, batches, finetune, load_instruction_examples,
+from aquila_fn import data
+from aquila_fn.core import pytree
+from aquila_fn.training.checkpoint import load_checkpoint
+from aquila_fn.core.config import get_config
+from aquila_fn.evaluation.evaluate import load_model_and_tokenizer
+from aquila_fn.jobs.finetune import (FinetuneConfig, batches, finetune, load_instruction_examples,
                                 load_instruction_records)
-from aquila_fn.lora import load_adapters
-from aquila_fn.model import init_params
-from aquila_fn.tokenizer import load_tokenizer
+from aquila_fn.training.lora import load_adapters
+from aquila_fn.core.model import init_params
+from aquila_fn.data.tokenizer import load_tokenizer
 
 from script_module import load_script
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from aquila_fn import forward, get_config, init_params
-from aquila_fn.generate import (ASSETS, AQUILA_SYSTEM, Decoder, aquila_chat_prompt, completion_text,
+from aquila_fn.inference.generate import (ASSETS, AQUILA_SYSTEM, Decoder, aquila_chat_prompt, completion_text,
                                 hugepage_params, load_model)
-from aquila_fn.sampling import SamplingParams
+from aquila_fn.inference.sampling import SamplingParams
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -165,7 +165,7 @@ def test_beam_reorder_is_in_place_and_memory_does_not_grow(params, monkeypatch):
     nothing but index tensors, however many steps run (copying the whole cache would allocate a
     layer's worth at every step)."""
     from alloc_count import Allocations
-    from aquila_fn import generate
+    from aquila_fn.inference import generate
     original = generate._CacheReorder.__call__
     per_call, storages = [], set()
 
@@ -224,8 +224,8 @@ def test_aquila_chat_template():
 
 
 def test_load_model_three_formats(tmp_path, stories):
-    from aquila_fn.checkpoint import save_checkpoint
-    from aquila_fn.hf import save_hf
+    from aquila_fn.training.checkpoint import save_checkpoint
+    from aquila_fn.interop.hf import save_hf
     config, params, tok = stories
     assert tok is not None and config.dim == 64
     save_hf(tmp_path / "hf", config, params)

@@ -71,8 +71,8 @@ def test_batch_file_int8_bf16(capsys, tmp_path):
 
 
 def test_hf_directory_and_tokenizer_flag(capsys, tmp_path):
-    from aquila_fn.generate import load_model
-    from aquila_fn.hf import save_hf
+    from aquila_fn.inference.generate import load_model
+    from aquila_fn.interop.hf import save_hf
     config, params, _ = load_model()
     save_hf(tmp_path, config, params)
     out, _ = run(capsys, "--model", str(tmp_path), "--tokenizer", str(ASSETS / "tok512.model"),
@@ -88,8 +88,8 @@ def test_interactive_chat(capsys, monkeypatch):
 
 
 def test_missing_tokenizer_is_an_error(tmp_path, capsys):
-    from aquila_fn.generate import load_model
-    from aquila_fn.hf import save_hf
+    from aquila_fn.inference.generate import load_model
+    from aquila_fn.interop.hf import save_hf
     config, params, _ = load_model()
     save_hf(tmp_path, config, params)
     with pytest.raises(SystemExit) as exc:

@@ -9,8 +9,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from aquila_fn import init_params, get_config, forward  # noqa: E402
-from aquila_fn.generate import Decoder  # noqa: E402
-from aquila_fn.hf import HFFormatError, hf_to_path, load_hf, path_to_hf, save_hf  # noqa: E402
+from aquila_fn.inference.generate import Decoder  # noqa: E402
+from aquila_fn.interop.hf import HFFormatError, hf_to_path, load_hf, path_to_hf, save_hf  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -88,7 +88,7 @@ def test_greedy_with_repetition_penalty_matches_transformers(hf_dir):
     with torch.no_grad():
         ref = model.generate(torch.tensor([PROMPT]), max_new_tokens=20, do_sample=False,
                              repetition_penalty=1.5, eos_token_id=None, pad_token_id=0)
-    from aquila_fn.sampling import SamplingParams
+    from aquila_fn.inference.sampling import SamplingParams
     [out] = Decoder(params, config).generate([PROMPT], max_new_tokens=20,
                                             sampling=SamplingParams(repetition_penalty=1.5))
     assert out.tokens == ref[0, len(PROMPT):].tolist()

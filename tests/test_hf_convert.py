@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from aquila_fn import forward, named_leaves
-from aquila_fn.generate import load_model
+from aquila_fn.inference.generate import load_model
 
 from script_module import load_script
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from aquila_fn.config import get_config
-from aquila_fn.llama2c import (
+from aquila_fn.core.config import get_config
+from aquila_fn.interop.llama2c import (
     Llama2cFormatError,
     half_to_interleaved,
     interleaved_to_half,
@@ -20,9 +20,9 @@ from aquila_fn.llama2c import (
     read_llama2c_header,
     save_llama2c,
 )
-from aquila_fn.model import forward, init_cache, init_params, param_shapes
-from aquila_fn.pytree import named_leaves
-from aquila_fn.tokenizer import load_tokenizer
+from aquila_fn.core.model import forward, init_cache, init_params, param_shapes
+from aquila_fn.core.pytree import named_leaves
+from aquila_fn.data.tokenizer import load_tokenizer
 
 ASSETS = Path(__file__).resolve().parents[1] / "aquila_fn" / "assets"
 BIN = ASSETS / "stories260K.bin"

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from aquila_fn import evaluate as ev
-from aquila_fn.lm_eval_adapter import AquilaEvalModel
-from aquila_fn.llama2c import load_llama2c
-from aquila_fn.model import loss_sum_fn
-from aquila_fn.tokenizer import load_tokenizer
+from aquila_fn.evaluation import evaluate as ev
+from aquila_fn.evaluation.lm_eval_adapter import AquilaEvalModel
+from aquila_fn.interop.llama2c import load_llama2c
+from aquila_fn.core.model import loss_sum_fn
+from aquila_fn.data.tokenizer import load_tokenizer
 
 
 @dataclasses.dataclass
@@ -88,7 +88,7 @@ def test_real_harness_classes(lm, assets):
     lm_eval = pytest.importorskip("lm_eval.api.model")
     from lm_eval.api.instance import Instance
     from lm_eval.api.registry import get_model
-    from aquila_fn.lm_eval_adapter import AquilaLM
+    from aquila_fn.evaluation.lm_eval_adapter import AquilaLM
     assert issubclass(AquilaLM, lm_eval.LM) and get_model("aquila_fn") is AquilaLM
     real = AquilaLM.create_from_arg_string(f"model={assets / 'stories260K.bin'},batch_size=2")
     assert real.rank == 0 and real.world_size == 1
@@ -102,7 +102,7 @@ def test_harness_class_needs_lm_eval_installed():
     try:
         import lm_eval  # noqa: F401
     except ImportError:
-        import aquila_fn.lm_eval_adapter as adapter
+        import aquila_fn.evaluation.lm_eval_adapter as adapter
         with pytest.raises(ImportError, match=r"pip install 'aquila-fn\[eval\]'"):
             adapter.AquilaLM
     else:

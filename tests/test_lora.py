@@ -6,13 +6,14 @@ import math
 import pytest
 import torch
 
-from aquila_fn import lora, pytree
-from aquila_fn.config import get_config
-from aquila_fn.finetune import FinetuneConfig, finetune, load_instruction_examples, mean_loss
-from aquila_fn.llama2c import load_llama2c
-from aquila_fn.model import forward, init_params, loss_fn
-from aquila_fn.tokenizer import load_tokenizer
-from aquila_fn.transforms import value_and_grad
+from aquila_fn.core import pytree
+from aquila_fn.training import lora
+from aquila_fn.core.config import get_config
+from aquila_fn.jobs.finetune import FinetuneConfig, finetune, load_instruction_examples, mean_loss
+from aquila_fn.interop.llama2c import load_llama2c
+from aquila_fn.core.model import forward, init_params, loss_fn
+from aquila_fn.data.tokenizer import load_tokenizer
+from aquila_fn.core.transforms import value_and_grad
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@ import torch
 
 import aquila_fn as af
 import ops
-from aquila_fn import pytree
-from aquila_fn.model import TokenError, init_cache, init_leaf, param_shapes
+from aquila_fn.core import pytree
+from aquila_fn.core.model import TokenError, init_cache, init_leaf, param_shapes
 
 CFG = af.get_config("tiny").replace(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=97,
                                     max_seq_len=64)

@@ -1,4 +1,4 @@
-"""aquila_fn.compile: backend choice, fullgraph model forward (no graph break), and the ops'
+"""aquila_fn.core.compile: backend choice, fullgraph model forward (no graph break), and the ops'
 compiled kernels falling back to eager when a backend fails."""
 import warnings
 
@@ -7,8 +7,8 @@ import torch
 
 import aquila_fn as af
 import ops
-from aquila_fn import pytree
-from aquila_fn.compile import compile as af_compile
+from aquila_fn.core import pytree
+from aquila_fn.core.compile import compile as af_compile
 from ops._dispatch import LazyCompiled
 
 

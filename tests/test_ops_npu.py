@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ops
-from aquila_fn.compile import compile as af_compile
+from aquila_fn.core.compile import compile as af_compile
 from npu_standin import make_torch_npu, make_torchair
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}

@@ -8,8 +8,9 @@ import torch
 from torch.distributed.tensor import Replicate, Shard
 
 import parallel
-from aquila_fn import model, optim, pipeline_stages, sharding
-from aquila_fn.config import get_config
+from aquila_fn.core import model
+from aquila_fn.training import optim, pipeline_stages, sharding
+from aquila_fn.core.config import get_config
 from dist_launch import results, torchrun
 from parallel.layout import Layout
 from parallel.mesh import Mesh, MeshError, parse_mesh

@@ -11,7 +11,7 @@ import pytest
 
 from dist_launch import ROOT, TESTS, results, torchrun
 
-from aquila_fn import checkpoint
+from aquila_fn.training import checkpoint
 
 
 def one_process(*args: str) -> dict:

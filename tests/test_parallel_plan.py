@@ -11,7 +11,7 @@ import pytest
 
 from dist_launch import ROOT, TESTS, results, torchrun
 
-from aquila_fn.config import get_config
+from aquila_fn.core.config import get_config
 
 CASES = ["tp=2/0/0/none", "tp=2/0/1/none", "dp=2/1/0/selective", "dp=2/2/0/none", "dp=2/3/0/none"]
 # What the real forward leaves allocated also holds what the plan does not count: the autograd
@@ -65,7 +65,7 @@ def test_a_meta_forward_keeps_what_a_real_forward_keeps(recompute):
     import torch
     from unittest import mock
 
-    from aquila_fn import model, pytree
+    from aquila_fn.core import model, pytree
     from ops._dispatch import resolve_elementwise
     from ops.rotary import _rope_table_cached
     from parallel.meter import LiveMeter
@@ -112,7 +112,7 @@ def test_plan_of_tied_embeddings_under_pp_and_of_gradient_buckets():
     from parallel.plan import load_model, plan
 
     config = get_config("tiny", n_layers=2)
-    model = load_model("aquila_fn.sharding", "tiny", {"n_layers": 2}, "fp32", "none")
+    model = load_model("aquila_fn.training.sharding", "tiny", {"n_layers": 2}, "fp32", "none")
     embed, norm = config.vocab_size * config.dim * 4, config.dim * 4
     layer = (config.num_params() - config.vocab_size * config.dim - config.dim) // 2 * 4
     first, last = plan(model, "pp=2", batch_size=4, micro_batch_size=1, seq_len=32)["stages"]

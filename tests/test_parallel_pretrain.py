@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow  # end-to-end runs of scripts/pretrain.py under to
 
 from dist_launch import ROOT
 
-from aquila_fn import checkpoint
+from aquila_fn.training import checkpoint
 
 ARGS = ["--config", "tiny", "--model-overrides", "dim=64,n_layers=2,n_heads=4,n_kv_heads=2,ffn_dim=128",
         "--batch-size", "4", "--seq-len", "32", "--eval-every", "0", "--eval-iters", "1", "--samples", "0",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from aquila_fn import data as D
-from aquila_fn.tokenizer import load_tokenizer
+from aquila_fn.data.tokenizer import load_tokenizer
 
 from script_module import load_script
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from aquila_fn import checkpoint
-from aquila_fn.pretrain import DEFAULT_RUN, MetricsLog, main, parse_args, pretrain, warn_if_emulated
+from aquila_fn.training import checkpoint
+from aquila_fn.jobs.pretrain import DEFAULT_RUN, MetricsLog, main, parse_args, pretrain, warn_if_emulated
 from ops import _dispatch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def test_resume_is_bit_identical(tmp_path, cache):
     state_a, meta_a = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(straight / "checkpoints"))
     state_b, meta_b = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(split / "checkpoints"))
     assert meta_a["data_position"] == meta_b["data_position"] == 60 * 4
-    from aquila_fn import pytree
+    from aquila_fn.core import pytree
     fa, fb = pytree.flatten_dict(state_a), pytree.flatten_dict(state_b)
     assert fa.keys() == fb.keys()
     assert all((fa[k] == fb[k]).all() for k in fa)
@@ -105,7 +105,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, cache):
 
 def test_indexed_dataset_prefix_without_a_tokenizer(tmp_path, cache):
     from aquila_fn import data
-    from aquila_fn.tokenizer import load_tokenizer
+    from aquila_fn.data.tokenizer import load_tokenizer
     prefix = data.prepare_text_dataset(SHAKESPEARE, load_tokenizer(DEFAULT_RUN["tokenizer"]), cache)
     summary = pretrain(parse_args(_args(tmp_path, cache, "--data", prefix, "--tokenizer", "",
                                         "--model-overrides", SMALL, "--steps", "3", "--samples", "2")))

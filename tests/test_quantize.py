@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from aquila_fn import forward, get_config, init_params
-from aquila_fn.generate import ASSETS, Decoder, load_model
-from aquila_fn.quantize import (dequantize_params, dequantize_weight, is_quantized, perplexity,
+from aquila_fn.inference.generate import ASSETS, Decoder, load_model
+from aquila_fn.core.quantize import (dequantize_params, dequantize_weight, is_quantized, perplexity,
                                 quantize_params, quantize_weight, weight_bytes)
 
 
@@ -39,7 +39,7 @@ def test_structure_and_bytes():
 
 
 def test_export_refuses_int8(tmp_path):
-    from aquila_fn.hf import save_hf
+    from aquila_fn.interop.hf import save_hf
     params = quantize_params(init_params(RANDOM, seed=0))
     with pytest.raises(ValueError, match="int8"):
         save_hf(tmp_path, RANDOM, params)

@@ -4,7 +4,7 @@ reproducible from an explicit generator."""
 import pytest
 import torch
 
-from aquila_fn.sampling import SamplingParams, repetition_penalty, sample, seen_mask, warp
+from aquila_fn.inference.sampling import SamplingParams, repetition_penalty, sample, seen_mask, warp
 
 
 def logits(b=4, v=50, seed=0):

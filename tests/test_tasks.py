@@ -1,13 +1,13 @@
-"""Task readers and prompt formats (aquila_fn.tasks) on fixtures in the real MMLU / C-Eval / GSM8K /
+"""Task readers and prompt formats (aquila_fn.evaluation.tasks) on fixtures in the real MMLU / C-Eval / GSM8K /
 BoolQ layouts, and scoring them with stories260K."""
 
 from pathlib import Path
 
 import pytest
 
-from aquila_fn import tasks
-from aquila_fn.llama2c import load_llama2c
-from aquila_fn.tokenizer import load_tokenizer
+from aquila_fn.evaluation import tasks
+from aquila_fn.interop.llama2c import load_llama2c
+from aquila_fn.data.tokenizer import load_tokenizer
 
 DATA = Path(__file__).resolve().parent / "data" / "eval"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aquila_fn.tokenizer import (
+from aquila_fn.data.tokenizer import (
     HFTokenizer,
     SentencePieceTokenizer,
     TokenizerError,

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from aquila_fn import get_config, init_params, optim, pytree, train
+from aquila_fn import get_config, init_params
+from aquila_fn.core import pytree
+from aquila_fn.training import optim, train
 
 CFG = get_config("tiny", dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=64)
 

@@ -7,8 +7,8 @@
 Batch-1 decoding reads every weight once per token, so its speed is bounded by weight bytes:
 int8 reads a quarter of fp32. Each matrix row (an output channel) gets one symmetric scale,
 amax / 127; activations, norms and the embedding lookup stay in floating point. A quantised
-leaf is the dict {"int8": [out, in] int8, "scale": [out] fp32}; `aquila_fn.model` multiplies by
-the scale after the matmul, and the compiled decode step (aquila_fn.generate) fuses the
+leaf is the dict {"int8": [out, in] int8, "scale": [out] fp32}; `aquila_fn.core.model` multiplies by
+the scale after the matmul, and the compiled decode step (aquila_fn.inference.generate) fuses the
 int8 -> float conversion into its matrix-vector loop. Quantised params are for inference:
 training, `loss_fn` and Hugging Face export want float weights (`dequantize_params`).
 """
@@ -19,8 +19,8 @@ import math
 
 import torch
 
-from aquila_fn import pytree
-from aquila_fn.config import ModelConfig
+from aquila_fn.core import pytree
+from aquila_fn.core.config import ModelConfig
 
 __all__ = ["quantize_weight", "dequantize_weight", "is_quantized", "quantize_params",
            "dequantize_params", "weight_bytes", "perplexity", "QUANTIZED_ROLES"]
@@ -108,7 +108,7 @@ def perplexity(params: dict, config: ModelConfig, tokens: torch.Tensor, *, seq_l
                batch_size: int = 8, compute_dtype: torch.dtype | None = None) -> float:
     """exp(mean next-token NLL) over `tokens` (1-D) cut into non-overlapping windows of
     `seq_len` + 1; works on float and quantised params alike (it uses `forward`'s logits)."""
-    from aquila_fn.model import forward
+    from aquila_fn.core.model import forward
 
     tokens = tokens.reshape(-1).long()
     n_windows = (tokens.numel() - 1) // seq_len

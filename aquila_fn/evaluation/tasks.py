@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from aquila_fn.evaluate import encode_pair, greedy_generate, perplexity, score_continuations
-from aquila_fn.files import read_text, utf8_errors
+from aquila_fn.evaluation.evaluate import encode_pair, greedy_generate, perplexity, score_continuations
+from aquila_fn.core.files import read_text, utf8_errors
 from parallel.cli import UserError
 
 LETTERS = ("A", "B", "C", "D")

@@ -28,10 +28,10 @@ from typing import Iterator
 
 import torch
 
-from aquila_fn import pytree
-from aquila_fn.config import ModelConfig
-from aquila_fn.files import read_json
-from aquila_fn.model import param_shapes, split_projections
+from aquila_fn.core import pytree
+from aquila_fn.core.config import ModelConfig
+from aquila_fn.core.files import read_json
+from aquila_fn.core.model import param_shapes, split_projections
 from parallel.cli import UserError
 
 __all__ = ["HFFormatError", "load_hf", "save_hf", "hf_to_path", "path_to_hf", "hf_state_dict",
@@ -180,9 +180,9 @@ def load_hf(directory: str | os.PathLike, *, dtype: torch.dtype | None = None,
 
 def hf_state_dict(params: dict, config: ModelConfig, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Hugging Face names -> contiguous CPU tensors (merged projections are split first)."""
-    from aquila_fn.quantize import is_quantized
+    from aquila_fn.core.quantize import is_quantized
     if any(is_quantized(x) for x in _dict_nodes(params)):
-        raise ValueError("params are int8-quantised; export float weights (aquila_fn.quantize.dequantize_params)")
+        raise ValueError("params are int8-quantised; export float weights (aquila_fn.core.quantize.dequantize_params)")
     params = split_projections(params, config)
     state = {}
     for path, leaf in pytree.named_leaves(params):

@@ -3,7 +3,7 @@
     examples = load_instruction_examples("alpaca_data_1k.json", tokenizer, seq_len=256)
     result = finetune(config, params, examples, FinetuneConfig(lora_rank=8, steps=100), pad_id=0)
 
-Both modes run the same loop: `aquila_fn.train.make_train_step` over a trainable tree. For full
+Both modes run the same loop: `aquila_fn.training.train.make_train_step` over a trainable tree. For full
 SFT the tree is the parameters; for LoRA it is the adapter tree and the loss is
 `model.loss_sum_fn ∘ lora_apply(base, ·)`, so gradients and optimizer state exist only for the
 adapters and the base tensors are never written. Prompt tokens are masked from the loss
@@ -21,8 +21,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from aquila_fn import data, device, lora, model, optim, train
-from aquila_fn.config import ModelConfig
+from aquila_fn import data
+from aquila_fn.core import device, model
+from aquila_fn.training import lora, optim, train
+from aquila_fn.core.config import ModelConfig
 
 INSTRUCTION_KEYS = ("instruction", "output")
 
@@ -141,7 +143,7 @@ def finetune(config: ModelConfig, params: dict, examples: Sequence[dict], cfg: F
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").write_text("")
     history, saved = [], None
-    from aquila_fn.evaluate import progress_bar
+    from aquila_fn.core.progress import progress_bar
     bar = progress_bar(total=cfg.steps, desc="finetune", enabled=progress)
     source = batches(examples, cfg.batch_size, pad_id, cfg.seed)
     t0 = time.perf_counter()
@@ -171,7 +173,7 @@ def save_trainable(out: Path, trainable: Any, config: ModelConfig, cfg: Finetune
     if cfg.is_lora:
         return lora.save_adapters(out / "adapters", trainable, alpha=cfg.lora_alpha,
                                   targets=cfg.lora_targets, step=step, metadata=meta)
-    from aquila_fn.checkpoint import save_checkpoint
+    from aquila_fn.training.checkpoint import save_checkpoint
     return save_checkpoint(out / "checkpoints", {"params": trainable}, step=step, metadata=meta)
 
 

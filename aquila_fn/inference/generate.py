@@ -30,14 +30,14 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from aquila_fn.config import ConfigError, ModelConfig
-from aquila_fn.decode_compile import (AOT_DEVICES, CACHE_BUCKET, CompiledSteps, default_build_s,
+from aquila_fn.core.config import ConfigError, ModelConfig
+from aquila_fn.inference.decode_compile import (AOT_DEVICES, CACHE_BUCKET, CompiledSteps, default_build_s,
                                       estimated_saving_s, repays)
-from aquila_fn.model import forward, init_cache, project_logits
-from aquila_fn.sampling import GREEDY, SamplingParams, penalise, sample, seen_mask, warp
-from aquila_fn.step_graph import GraphStep
+from aquila_fn.core.model import forward, init_cache, project_logits
+from aquila_fn.inference.sampling import GREEDY, SamplingParams, penalise, sample, seen_mask, warp
+from aquila_fn.inference.step_graph import GraphStep
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_MODEL = ASSETS / "stories260K.bin"
 DEFAULT_TOKENIZER = ASSETS / "tok512.model"
 
@@ -195,8 +195,8 @@ def _npu_graph_step(decode_fn, params):
     """The decode step under torchair's reduce-overhead mode: captured once per shape and cache,
     replayed as an NPU graph (aclgraph). The weights are marked static so that the graph reads
     them in place instead of copying them in as per-call inputs."""
-    from aquila_fn.compile import npu_backend
-    from aquila_fn import pytree
+    from aquila_fn.core.compile import npu_backend
+    from aquila_fn.core import pytree
     for leaf in pytree.leaves(params):
         torch._dynamo.mark_static_address(leaf)
     return torch.compile(decode_fn, backend=npu_backend(mode="reduce-overhead"), fullgraph=True,
@@ -217,7 +217,7 @@ def hugepage_params(params):
     transparent huge pages (Linux, CPU). A decode step sweeps all the weights once; 2 MiB pages
     cut the TLB misses of that sweep (+15% read bandwidth measured on the development machine).
     The copy doubles the weights' memory while the caller keeps the originals."""
-    from aquila_fn import pytree
+    from aquila_fn.core import pytree
     leaves = pytree.leaves(params)
     if not leaves or any(x.device.type != "cpu" for x in leaves) or not hasattr(mmap, "MADV_HUGEPAGE"):
         return params
@@ -332,14 +332,14 @@ def _eos_set(eos_id) -> set[int]:
 class Decoder:
     """Holds a model, its (optionally compiled) prefill and decode step, and the strategies.
 
-    compile: "auto" (default): the decode step compiled ahead of time (aquila_fn.decode_compile)
+    compile: "auto" (default): the decode step compiled ahead of time (aquila_fn.inference.decode_compile)
     when a package is cached on disk for this model shape or the run is long enough to repay
     compiling it, else eager, with the package built in the background for later runs;
     True / "on": the compiled step always (built now if not cached); False / "off": eager;
     "inductor" (torch.compile of prefill and step, batch-1 matvecs as fused reductions),
     "eager" / "aot_eager" (dynamo capture only: cheap, for tests) or a dynamo backend callable:
     compiled in process by torch.compile. On cuda a compiled step is replayed as a CUDA graph
-    (aquila_fn.step_graph); on npu "on" compiles it with torchair's reduce-overhead (aclgraph)
+    (aquila_fn.inference.step_graph); on npu "on" compiles it with torchair's reduce-overhead (aclgraph)
     mode. `self.compiles` counts the graphs torch.compile built, so callers can check that
     decoding does not recompile. hugepages: decode from a copy of the weights on transparent
     huge pages (CPU; see `hugepage_params`). cache_dir: where compiled steps are kept (default
@@ -770,7 +770,7 @@ def aquila_chat_prompt(history: Sequence[tuple[str, str]], *, system: str = AQUI
 def _is_llama2c(path: Path) -> bool:
     if not path.is_file():
         return False
-    from aquila_fn.llama2c import Llama2cFormatError, read_llama2c_header
+    from aquila_fn.interop.llama2c import Llama2cFormatError, read_llama2c_header
     try:
         read_llama2c_header(path)  # checks the header's fields
         return True
@@ -780,7 +780,7 @@ def _is_llama2c(path: Path) -> bool:
 
 def _tokenizer_near(path: Path):
     """A tokenizer shipped beside (or inside) a model, if any."""
-    from aquila_fn.tokenizer import load_tokenizer
+    from aquila_fn.data.tokenizer import load_tokenizer
     if path.resolve() == DEFAULT_MODEL.resolve():
         return load_tokenizer(DEFAULT_TOKENIZER)
     directory = path if path.is_dir() else path.parent
@@ -799,16 +799,16 @@ def load_model(path: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.dtype | 
         raise FileNotFoundError(errno.ENOENT, "no model (llama2.c file, Hugging Face directory or "
                                 "aquila-fn checkpoint) here", str(path))
     if path.is_dir() and (path / "config.json").is_file():
-        from aquila_fn.hf import load_hf
+        from aquila_fn.interop.hf import load_hf
         config, params = load_hf(path, dtype=dtype, device=device)
     elif _is_llama2c(path):
-        from aquila_fn.llama2c import load_llama2c
+        from aquila_fn.interop.llama2c import load_llama2c
         config, params = load_llama2c(path)
     else:
         config, params, tokenizer = _load_native(path, tokenizer)
-    from aquila_fn import pytree
+    from aquila_fn.core import pytree
     params = pytree.tree_map(lambda x: _cast(x, dtype, device), params)
-    from aquila_fn.tokenizer import check_tokenizer_fits, load_tokenizer
+    from aquila_fn.data.tokenizer import check_tokenizer_fits, load_tokenizer
     tok = load_tokenizer(tokenizer) if tokenizer is not None else _tokenizer_near(path)
     if tok is not None:
         check_tokenizer_fits(tok, config.vocab_size)
@@ -819,7 +819,7 @@ def _load_native(path: Path, tokenizer):
     """A native checkpoint (a pretrain.py output directory, a run directory, a step directory or a
     rank file; the newest checkpoint is taken); its metadata must hold the config, and may name
     the tokenizer the run used."""
-    from aquila_fn.checkpoint import CheckpointError, load_checkpoint, latest_checkpoint, read_metadata
+    from aquila_fn.training.checkpoint import CheckpointError, load_checkpoint, latest_checkpoint, read_metadata
     if path.is_dir() and latest_checkpoint(path / "checkpoints"):  # a pretrain.py output directory
         path = path / "checkpoints"
     try:

@@ -17,7 +17,7 @@ run time, so one package serves any --threads.
 
 Packages live in ~/.cache/aquila_fn/compiled ($AQUILA_FN_COMPILE_CACHE or `directory=`
 overrides it), written atomically; a build in progress holds a lock file naming its pid.
-`python -m aquila_fn.decode_compile SPEC.json` is the background build that `--compile auto`
+`python -m aquila_fn.inference.decode_compile SPEC.json` is the background build that `--compile auto`
 starts when a run is too short to repay compiling in the foreground.
 """
 
@@ -40,8 +40,8 @@ from typing import Callable
 import torch
 import torch.utils._pytree as torch_pytree
 
-from aquila_fn import pytree
-from aquila_fn.config import ModelConfig
+from aquila_fn.core import pytree
+from aquila_fn.core.config import ModelConfig
 
 CACHE_BUCKET = 64  # cache lengths are multiples of this: the package's one dynamic dimension
 CACHE_ENV = "AQUILA_FN_COMPILE_CACHE"
@@ -154,7 +154,8 @@ def _source_digest() -> str:
     """The traced code: the model, its ops, the decode step and this module."""
     import ops
     import parallel
-    from aquila_fn import config, generate, model
+    from aquila_fn.core import config, model
+    from aquila_fn.inference import generate
     files = [inspect.getsourcefile(m) for m in (config, generate, model, sys.modules[__name__])]
     files += sorted(str(p) for p in Path(inspect.getsourcefile(ops)).parent.glob("*.py"))
     files.append(inspect.getsourcefile(inspect.getmodule(parallel.constrain)))
@@ -173,7 +174,7 @@ class _DecodeStep(torch.nn.Module):
         self.config, self.compute_dtype, self.impl = config, compute_dtype, impl
 
     def forward(self, params, tokens, cache, start_pos, positions, key_mask):
-        from aquila_fn.generate import decode_step
+        from aquila_fn.inference.generate import decode_step
         logits, _ = decode_step(params, tokens, cache, start_pos, positions, key_mask,
                                 config=self.config, compute_dtype=self.compute_dtype, impl=self.impl)
         return logits
@@ -181,7 +182,7 @@ class _DecodeStep(torch.nn.Module):
 
 def decode_decompositions() -> dict:
     """Core ATen, with batch-1 matrix products as fused reductions (see generate.decode_backend)."""
-    from aquila_fn.generate import _batched_matvec_as_reduction, _matvec_as_reduction
+    from aquila_fn.inference.generate import _batched_matvec_as_reduction, _matvec_as_reduction
     table = torch.export.default_decompositions()
     table[torch.ops.aten.mm.default] = _matvec_as_reduction
     table[torch.ops.aten.bmm.default] = _batched_matvec_as_reduction
@@ -189,7 +190,7 @@ def decode_decompositions() -> dict:
 
 
 def example_inputs(params, config: ModelConfig, spec: StepSpec, length: int):
-    from aquila_fn.model import init_cache
+    from aquila_fn.core.model import init_cache
     device, b = torch.device(spec.device), spec.batch
     cache = init_cache(config, b, length, dtype=getattr(torch, spec.compute_dtype), device=device)
     zeros = torch.zeros(b, 1, dtype=torch.long, device=device)
@@ -382,10 +383,10 @@ def start_background_build(spec: StepSpec, directory: Path) -> int | None:
         spec_file = package.with_suffix(".spec.json")
         _write_atomic(spec_file, json.dumps({"spec": spec.to_json(), "directory": str(directory),
                                              "package": str(package)}))
-        root = str(Path(__file__).resolve().parents[1])
+        root = str(Path(__file__).resolve().parents[2])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         with open(package.with_suffix(".log"), "w") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "aquila_fn.decode_compile", str(spec_file)],
+            proc = subprocess.Popen([sys.executable, "-m", "aquila_fn.inference.decode_compile", str(spec_file)],
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     env=env, start_new_session=True)
         _write_atomic(_lock_path(package), str(proc.pid))
@@ -403,7 +404,7 @@ def _placeholder_params(spec: StepSpec):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The background build: `python -m aquila_fn.decode_compile SPEC.json`."""
+    """The background build: `python -m aquila_fn.inference.decode_compile SPEC.json`."""
     argv = sys.argv[1:] if argv is None else argv
     job = json.loads(Path(argv[0]).read_text())
     spec, directory, package = StepSpec.from_json(job["spec"]), Path(job["directory"]), Path(job["package"])
@@ -447,7 +448,7 @@ def estimated_build_s(spec: StepSpec, directory: Path) -> float:
 def estimated_saving_s(params, config: ModelConfig, device: torch.device, steps: int) -> float:
     """Seconds a compiled step saves over `steps` eager ones: the eager step reads the weights
     slower on CPU and pays a launch per op (the compiled one fuses each layer into a few kernels)."""
-    from aquila_fn.quantize import weight_bytes
+    from aquila_fn.core.quantize import weight_bytes
     kind = device.type
     compiled = weight_bytes(params) / BANDWIDTH.get(kind, BANDWIDTH["cpu"])
     eager = EAGER_SLOWDOWN.get(kind, 1.0) * compiled + config.n_layers * OPS_PER_LAYER * LAUNCH_S.get(kind, 1e-5)

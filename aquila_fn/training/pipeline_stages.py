@@ -30,9 +30,10 @@ import torch
 import torch.distributed as dist
 
 import parallel
-from aquila_fn import model, train
-from aquila_fn.config import ModelConfig
-from aquila_fn.sharding import make_layout, ops_impl
+from aquila_fn.core import model
+from aquila_fn.training import train
+from aquila_fn.core.config import ModelConfig
+from aquila_fn.training.sharding import make_layout, ops_impl
 from parallel.mesh import MeshError
 from parallel.grads import GradReducer
 from parallel.layout import Layout, local_rows, local_value
@@ -233,7 +234,7 @@ def make_train_step(staged: StagedModel, optimizer,
     reduction within the stage mesh (each stage's buckets sent during its last micro-batch's
     backward, ZeRO-3's during each), tied copies' gradients summed, unscaling, one overflow
     verdict, and one optimizer step (or a skipped one) on this rank's leaves."""
-    from aquila_fn import optim
+    from aquila_fn.training import optim
 
     scaler = loss_scale if train.get_precision(staged.precision).loss_scaling else None
     layout, pipe, pp_group, reducer = staged.layout, staged.pipe, staged.mesh.group("pp"), staged.reducer
@@ -346,7 +347,7 @@ def checkpoint_view(state: Any, config: ModelConfig, mesh: parallel.Mesh) -> Any
     the whole tree's structure, with this rank's leaves as blocks of the full tensors and the
     others (and the copies of tied leaves, see copied_paths) as empty blocks, so every rank
     file describes the same one-process tree and loading merges them."""
-    from aquila_fn.checkpoint import LocalShard
+    from aquila_fn.training.checkpoint import LocalShard
 
     full, copies = model.param_shapes(config), copied_paths(mesh)
 

@@ -18,7 +18,8 @@ tokens, plus those named in ``special_tokens_map.json`` / ``tokenizer_config.jso
 ``added_tokens.json``, are registered as special tokens, so they are matched whole in text and
 dropped by ``decode``.
 
-Also here: ``padded_vocab_size(n, multiple=128)``, Megatron's rounding of the embedding rows.
+``padded_vocab_size`` (Megatron's rounding of the embedding rows) lives in core.config and is
+re-exported here.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from aquila_fn.files import read_json, utf8_errors
+from aquila_fn.core.config import padded_vocab_size
+from aquila_fn.core.files import read_json, utf8_errors
 from parallel.cli import UserError
 
 __all__ = [
@@ -54,18 +56,6 @@ def check_tokenizer_fits(tokenizer: "Tokenizer", vocab_size: int) -> None:
         raise TokenizerError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, the model "
                              f"only {vocab_size}; pass the tokenizer the model was trained with")
 
-
-def padded_vocab_size(n: int, multiple: int = 128, tp_size: int = 1) -> int:
-    """Round a vocabulary size up the way Megatron does (``make_vocab_size_divisible_by`` times
-    the tensor-parallel size), so the embedding splits evenly and matmuls stay aligned.
-
-    padded_vocab_size(100008) == 100096; padded_vocab_size(32000) == 32000.
-    """
-    if n <= 0 or multiple <= 0 or tp_size <= 0:
-        raise ValueError(f"padded_vocab_size needs positive arguments, got n={n}, "
-                         f"multiple={multiple}, tp_size={tp_size}")
-    m = multiple * tp_size
-    return -(-n // m) * m
 
 
 def _ids_list(ids) -> list[int]:

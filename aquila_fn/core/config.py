@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from aquila_fn.files import read_json
+from aquila_fn.core.files import read_json
 from parallel.cli import UserError
 
 
@@ -74,7 +74,6 @@ class ModelConfig:
                 raise ConfigError(
                     f"tokenizer has {tokenizer_vocab} tokens but the config pins vocab_size={self.vocab_size}")
             return self
-        from aquila_fn.tokenizer import padded_vocab_size
         return self.replace(vocab_size=padded_vocab_size(tokenizer_vocab, multiple))
 
     def num_params(self) -> int:
@@ -202,3 +201,15 @@ def get_config(name: str, **overrides) -> ModelConfig:
     except KeyError:
         raise ConfigError(f"unknown config preset {name!r}; known: {', '.join(PRESETS)}") from None
     return config.replace(**overrides) if overrides else config
+
+def padded_vocab_size(n: int, multiple: int = 128, tp_size: int = 1) -> int:
+    """Round a vocabulary size up the way Megatron does (``make_vocab_size_divisible_by`` times
+    the tensor-parallel size), so the embedding splits evenly and matmuls stay aligned.
+
+    padded_vocab_size(100008) == 100096; padded_vocab_size(32000) == 32000.
+    """
+    if n <= 0 or multiple <= 0 or tp_size <= 0:
+        raise ValueError(f"padded_vocab_size needs positive arguments, got n={n}, "
+                         f"multiple={multiple}, tp_size={tp_size}")
+    m = multiple * tp_size
+    return -(-n // m) * m

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from aquila_fn import pytree
+from aquila_fn.core import pytree
 
 
 def _is_differentiable(x: Any) -> bool:

@@ -23,8 +23,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from aquila_fn import pytree
-from aquila_fn.model import leaf_seed
+from aquila_fn.core import pytree
+from aquila_fn.core.model import leaf_seed
 from parallel.cli import UserError
 
 Params = dict
@@ -163,7 +163,7 @@ def save_adapters(directory, adapters: Adapters, *, alpha: float, targets: str |
                   step: int = 0, metadata: dict | None = None, keep: int | None = None) -> str:
     """Write the adapters alone (a msgpack checkpoint `<directory>/step_<step>`); rank, alpha and
     targets go in its metadata. Returns the checkpoint path."""
-    from aquila_fn.checkpoint import save_checkpoint
+    from aquila_fn.training.checkpoint import save_checkpoint
     info = {"rank": lora_rank(adapters), "alpha": float(alpha),
             "targets": targets if isinstance(targets, str) else list(targets),
             "paths": sorted(adapter_pairs(adapters))}
@@ -174,7 +174,7 @@ def save_adapters(directory, adapters: Adapters, *, alpha: float, targets: str |
 def load_adapters(path, *, map_location="cpu") -> tuple[Adapters, dict]:
     """(adapters, info) from a checkpoint written by save_adapters (a step dir or a run dir, whose
     latest is used); info has rank, alpha, targets, paths and step."""
-    from aquila_fn.checkpoint import CheckpointError, load_checkpoint
+    from aquila_fn.training.checkpoint import CheckpointError, load_checkpoint
     state, meta = load_checkpoint(path, map_location=map_location)
     if "adapters" not in state or "lora" not in meta:
         raise CheckpointError(f"{path} is not a LoRA adapter checkpoint (no 'adapters' state / 'lora' metadata)")

@@ -25,9 +25,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from aquila_fn import model, optim, pytree
-from aquila_fn.config import ModelConfig
-from aquila_fn.transforms import value_and_grad
+from aquila_fn.core import model, pytree
+from aquila_fn.training import optim
+from aquila_fn.core.config import ModelConfig
+from aquila_fn.core.transforms import value_and_grad
 from ops import _dispatch as ops_dispatch
 
 State = dict[str, Any]
@@ -111,9 +112,9 @@ def clone_state(state: State) -> State:
 
 
 def compile_fn(fn: Callable, *, fullgraph: bool = True, backend: str = "auto") -> Callable:
-    """The project's compile entry (aquila_fn.compile) when present, else torch.compile."""
+    """The project's compile entry (aquila_fn.core.compile) when present, else torch.compile."""
     try:
-        from aquila_fn.compile import compile as project_compile
+        from aquila_fn.core.compile import compile as project_compile
     except ImportError:
         return torch.compile(fn, fullgraph=fullgraph, backend="inductor" if backend == "auto" else backend)
     return project_compile(fn, backend=backend, fullgraph=fullgraph)

@@ -13,7 +13,7 @@ kernels on the same state: the hot loop never builds an `updates` tree.
 
 States are pytrees of tensors (counts are 0-d int64 tensors), so checkpoints hold them as they
 hold parameters. Moments are fp32 whatever the parameter dtype: parameters are fp32 master
-weights in every precision policy of `aquila_fn.train`.
+weights in every precision policy of `aquila_fn.training.train`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 import ops
-from aquila_fn import pytree
+from aquila_fn.core import pytree
 
 Params = Any
 Updates = Any

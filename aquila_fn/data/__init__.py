@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from aquila_fn.files import read_json, utf8_errors
+from aquila_fn.core.files import read_json, utf8_errors
 from parallel.cli import UserError
 
 __all__ = [
@@ -594,7 +594,7 @@ _WORKER: dict[str, Any] = {}
 
 def _load_tok(tokenizer):
     if isinstance(tokenizer, (str, os.PathLike)):
-        from aquila_fn.tokenizer import load_tokenizer
+        from aquila_fn.data.tokenizer import load_tokenizer
         return load_tokenizer(tokenizer)
     return tokenizer
 

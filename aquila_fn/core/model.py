@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import ops
-from aquila_fn import pytree
-from aquila_fn.config import ModelConfig
+from aquila_fn.core import pytree
+from aquila_fn.core.config import ModelConfig
 from parallel import constrain
 from parallel.cli import UserError
 
@@ -160,7 +160,7 @@ def check_tokens(tokens: torch.Tensor, vocab_size: int) -> None:
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor | dict) -> torch.Tensor:
-    if isinstance(w, dict):  # weight-only int8 (aquila_fn.quantize): per-output-channel scales
+    if isinstance(w, dict):  # weight-only int8 (aquila_fn.core.quantize): per-output-channel scales
         return (x @ w["int8"].to(x.dtype).T) * w["scale"].to(x.dtype)
     return x @ w.to(x.dtype).T
 
@@ -258,8 +258,8 @@ def head_weight(params: Params) -> torch.Tensor:
     return params["lm_head"] if "lm_head" in params else params["embed"]
 
 
-# The forward in stages. `forward` composes them; pipeline stages (aquila_fn.sharding) and the
-# decoder (aquila_fn.generate) call the same pieces, so there is one model code path.
+# The forward in stages. `forward` composes them; pipeline stages (aquila_fn.training.sharding) and the
+# decoder (aquila_fn.inference.generate) call the same pieces, so there is one model code path.
 
 
 def embed(params: Params, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -276,7 +276,7 @@ def rotary_tables(config: ModelConfig, positions: torch.Tensor, dtype: torch.dty
 
 @functools.cache
 def _compiled_layer(backend: str):
-    from aquila_fn.compile import compile
+    from aquila_fn.core.compile import compile
 
     # static shapes: a training run's layers all have one shape (a recompile with dynamic
     # shapes could not trace ZeRO-3's saved-tensor hooks, parallel.zero.ReshardAfterForward)
@@ -299,7 +299,7 @@ def run_layers(layers, h: torch.Tensor, cos, sin, config: ModelConfig, *, cache:
                slots: slice | torch.Tensor | None = None, mask: torch.Tensor | None = None, impl: str = "auto",
                recompute: str = "none", compile_layers: bool | str = False) -> torch.Tensor:
     """The decoder layers over the hidden state, with the chosen recomputation policy.
-    compile_layers: True or a backend name (aquila_fn.compile) runs each layer as a compiled
+    compile_layers: True or a backend name (aquila_fn.core.compile) runs each layer as a compiled
     function (regional compilation: one graph per layer shape, shared by the layers), for
     programs that cannot be one graph, e.g. on a mesh, where parameters are gathered and
     gradients reduced between layers."""

@@ -1,14 +1,14 @@
 """Run any lm-evaluation-harness task on this project's models (optional extra: `pip install .[eval]`).
 
     import lm_eval
-    from aquila_fn.lm_eval_adapter import AquilaLM        # imports lm_eval, registers "aquila_fn"
+    from aquila_fn.evaluation.lm_eval_adapter import AquilaLM        # imports lm_eval, registers "aquila_fn"
     lm = AquilaLM(model="stories260K.bin", tokenizer="tok512.model", batch_size=8)
     lm_eval.simple_evaluate(model=lm, tasks=["hellaswag"])
 
 or from the harness CLI once registered (e.g. in a wrapper script that imports this module and
 calls `register()`): `--model aquila_fn --model_args model=PATH,tokenizer=PATH,batch_size=8`.
 
-`AquilaEvalModel` implements the harness's three request types on `aquila_fn.evaluate` and does
+`AquilaEvalModel` implements the harness's three request types on `aquila_fn.evaluation.evaluate` and does
 not need lm_eval at all (requests only need an `.args` tuple, as `lm_eval.api.instance.Instance`
 has). `AquilaLM` is the same class with `lm_eval.api.model.LM` mixed in, created on first access
 so that importing this module never requires the harness.
@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from aquila_fn.evaluate import (encode_pair, greedy_generate, load_model_and_tokenizer, rolling_windows,
+from aquila_fn.evaluation.evaluate import (encode_pair, greedy_generate, load_model_and_tokenizer, rolling_windows,
                                 score_continuations)
 
 REGISTERED_NAME = "aquila_fn"

@@ -1,5 +1,5 @@
 """Aquila's parallel layouts: the sharding table, and the glue that runs the one-process train
-step (aquila_fn.train) on a mesh. The mechanism lives in `parallel/`; this file is the data
+step (aquila_fn.training.train) on a mesh. The mechanism lives in `parallel/`; this file is the data
 (which weight splits how) plus a few lines of wiring.
 
     mesh = parallel.make_mesh("dp=2,tp=2")
@@ -21,8 +21,9 @@ import torch
 import torch.distributed as dist
 
 import parallel
-from aquila_fn import model, train
-from aquila_fn.config import ModelConfig
+from aquila_fn.core import model
+from aquila_fn.training import train
+from aquila_fn.core.config import ModelConfig
 from parallel import cli
 from parallel.grads import GradReducer
 from parallel.layout import Layout, local_rows, local_value, shard_batch
@@ -179,8 +180,8 @@ def plan_model(config_name: str, overrides: dict | None = None, precision: str =
     """The `parallel.plan` plugin: Aquila's parameters, layout, loss and optimizer."""
     from unittest import mock
 
-    from aquila_fn import optim, pipeline_stages
-    from aquila_fn.config import get_config
+    from aquila_fn.training import optim, pipeline_stages
+    from aquila_fn.core.config import get_config
     from parallel.plan import PlanModel
 
     config = get_config(config_name, **(overrides or {}))
@@ -264,7 +265,7 @@ class ParallelSetup:
                     timeout_s=getattr(args, "dist_timeout", 300.0), device=getattr(args, "device", None))
         micro = args.batch_size // (args.micro_batch_size or args.batch_size)
         if mesh.has("pp") or getattr(args, "virtual_stages", 1) > 1:
-            from aquila_fn.pipeline_stages import PipelineOptions
+            from aquila_fn.training.pipeline_stages import PipelineOptions
 
             setup.pipeline = PipelineOptions.from_args(args, mesh, micro)
         if args.batch_size % (layout.data_size * micro):
@@ -286,7 +287,7 @@ class ParallelSetup:
         return self.pipeline.mesh.rank if self.pipeline else self.layout.mesh.rank
 
     def wrap_optimizer(self, optimizer, max_grad_norm: float | None):
-        from aquila_fn.pipeline_stages import copied_paths
+        from aquila_fn.training.pipeline_stages import copied_paths
 
         # pipeline stages hold different leaves: the norm sums over pp, counting tied copies once
         mesh = self.pipeline.mesh if self.pipeline else None
@@ -307,7 +308,7 @@ class ParallelSetup:
 
     def make_train_step(self, config: ModelConfig, optimizer, **kwargs):
         if self.pipeline is not None:
-            from aquila_fn import pipeline_stages
+            from aquila_fn.training import pipeline_stages
 
             staged = self._pipeline_part()
             pipeline_step = pipeline_stages.make_train_step(staged, optimizer)
@@ -329,7 +330,7 @@ class ParallelSetup:
 
     def make_eval_loss(self, config: ModelConfig, *, precision: str = "bf16", impl: str = "auto"):
         if self.pipeline is not None:
-            from aquila_fn import pipeline_stages
+            from aquila_fn.training import pipeline_stages
 
             return pipeline_stages.make_eval_loss(self._pipeline_part(), self._pet)
         if self.layout.trivial:
@@ -364,7 +365,7 @@ class ParallelSetup:
         """Unsharded parameters on every rank (a collective: call it on all ranks)."""
         if self.pipeline is None:
             return parallel.gather(params)
-        from aquila_fn import pipeline_stages
+        from aquila_fn.training import pipeline_stages
 
         return pipeline_stages.full_params(params, self.pipeline.mesh)
 
@@ -373,7 +374,7 @@ class ParallelSetup:
         see pipeline_stages.checkpoint_view)."""
         if self.pipeline is None:
             return state
-        from aquila_fn import pipeline_stages
+        from aquila_fn.training import pipeline_stages
 
         return pipeline_stages.checkpoint_view(state, self._pipeline_part().config, self.pipeline.mesh)
 

@@ -1,6 +1,6 @@
 """Scoring primitives for evaluation: continuation log-likelihoods, rolling perplexity, greedy
 generation. Everything here works on token ids and pure `forward`; tasks (prompt formats) live
-in `aquila_fn.tasks`, the lm-eval harness adapter in `aquila_fn.lm_eval_adapter`.
+in `aquila_fn.evaluation.tasks`, the lm-eval harness adapter in `aquila_fn.evaluation.lm_eval_adapter`.
 
     scores = score_continuations(params, config, [(ctx_ids, cont_ids), ...], batch_size=8)
     scores[0].logprob, scores[0].is_greedy
@@ -14,16 +14,16 @@ the context per example, whatever the number of choices.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 
-from aquila_fn.config import ModelConfig
-from aquila_fn.generate import Decoder, load_model
-from aquila_fn.model import forward, head_weight, init_cache
+from aquila_fn.core.config import ModelConfig
+from aquila_fn.core.progress import progress_bar
+from aquila_fn.inference.generate import Decoder, load_model
+from aquila_fn.core.model import forward, head_weight, init_cache
 
 Params = dict
 LOGIT_CHUNK = 1024  # rows of [N, V] logits materialised at once
@@ -35,14 +35,6 @@ class Score:
     logprob: float
     is_greedy: bool
     n_tokens: int
-
-
-def progress_bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",
-                 enabled: bool = True):
-    """A tqdm bar on stderr (results go to stdout, so the two never mix)."""
-    from tqdm import tqdm
-    return tqdm(iterable, total=total, desc=desc, file=sys.stderr, disable=not enabled,
-                dynamic_ncols=True)
 
 
 # ----------------------------------------------------------------------------- tokenisation
@@ -296,14 +288,14 @@ def _tokenizer_beside(path: Path, vocab_size: int):
     base = path if path.is_dir() else path.parent
     for name in (f"tok{vocab_size}.model", "tokenizer.model"):
         if (base / name).is_file():
-            from aquila_fn.tokenizer import load_tokenizer
+            from aquila_fn.data.tokenizer import load_tokenizer
             return load_tokenizer(base / name)
     return None
 
 
 def load_model_and_tokenizer(model_path, tokenizer_path=None, *, adapters_path=None,
                              dtype: torch.dtype = torch.float32, device="cpu"):
-    """(config, params, tokenizer) for the CLIs: any model `aquila_fn.generate.load_model` reads
+    """(config, params, tokenizer) for the CLIs: any model `aquila_fn.inference.generate.load_model` reads
     (llama2.c .bin, Hugging Face dir, native checkpoint), an explicit tokenizer or the model's own
     or one beside it, and optionally LoRA adapters merged in (alpha from their metadata)."""
     path = Path(model_path)
@@ -311,20 +303,20 @@ def load_model_and_tokenizer(model_path, tokenizer_path=None, *, adapters_path=N
         raise FileNotFoundError(f"model not found: {path}")
     config, params, tokenizer = load_model(path, dtype=dtype, device=device)
     if isinstance(tokenizer_path, (str, Path)):
-        from aquila_fn.tokenizer import load_tokenizer
+        from aquila_fn.data.tokenizer import load_tokenizer
         tokenizer = load_tokenizer(tokenizer_path)
     elif tokenizer_path is not None:  # an already loaded tokenizer
         tokenizer = tokenizer_path
     tokenizer = tokenizer or _tokenizer_beside(path, config.vocab_size)
-    from aquila_fn.tokenizer import TokenizerError, check_tokenizer_fits
+    from aquila_fn.data.tokenizer import TokenizerError, check_tokenizer_fits
     if tokenizer is None:
         raise TokenizerError(f"no tokenizer found for {path}; pass --tokenizer")
     check_tokenizer_fits(tokenizer, config.vocab_size)
     if adapters_path is not None:
-        from aquila_fn.lora import load_adapters, lora_merge
+        from aquila_fn.training.lora import load_adapters, lora_merge
         adapters, info = load_adapters(adapters_path, map_location=device)
         params = lora_merge(params, adapters, info["alpha"])
     if torch.device(device) != params["embed"].device:
-        from aquila_fn import pytree
+        from aquila_fn.core import pytree
         params = pytree.tree_map(lambda x: x.to(device), params)
     return config, params, tokenizer

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aquila_fn.config import ModelConfig
+from aquila_fn.core.config import ModelConfig
 from parallel.cli import UserError
 
 __all__ = ["Llama2cFormatError", "load_llama2c", "save_llama2c", "read_llama2c_header",
@@ -239,7 +239,7 @@ def save_llama2c(path: str | os.PathLike, config: ModelConfig, params: dict, *, 
     if len(layers) != config.n_layers:
         raise ValueError(f"params have {len(layers)} layers, config.n_layers={config.n_layers}")
     if any("wqkv" in layer["attn"] or "w_gate_up" in layer["mlp"] for layer in layers):
-        raise ValueError("params use merged projections; call aquila_fn.model.split_projections first")
+        raise ValueError("params use merged projections; call aquila_fn.core.model.split_projections first")
 
     def f32(x: torch.Tensor) -> np.ndarray:
         return x.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()

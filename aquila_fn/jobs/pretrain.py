@@ -29,12 +29,14 @@ from typing import Any
 
 import torch
 
-from aquila_fn import checkpoint, data, device, model, optim, pytree, sharding, train
-from aquila_fn.config import ModelConfig, PRESETS, get_config
+from aquila_fn import data
+from aquila_fn.core import device, model, pytree
+from aquila_fn.training import checkpoint, optim, sharding, train
+from aquila_fn.core.config import ModelConfig, PRESETS, get_config
 from ops import _dispatch as ops_dispatch
 from parallel import cli, shutdown_distributed
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 # The embedded default run: a few million parameters on ~0.7M tokens of Shakespeare, sized so
 # the loss falls from ln(512) ≈ 6.2 to well under 3 within a few minutes on 2 CPU cores.
@@ -200,7 +202,7 @@ def load_config(name: str, overrides: dict) -> ModelConfig:
 def load_tokenizer_or_none(path: str | None):
     if not path:
         return None
-    from aquila_fn.tokenizer import load_tokenizer
+    from aquila_fn.data.tokenizer import load_tokenizer
     if not os.path.exists(path):
         raise PretrainError(f"--tokenizer {path}: no such file or directory")
     return load_tokenizer(path)
@@ -427,8 +429,8 @@ def validation_loss(run: Run, eval_loss, params) -> float | None:
 
 def generate_samples(run: Run, params, generator: torch.Generator) -> list[str]:
     """A few sampled continuations, through the inference engine's static-KV-cache decoder."""
-    from aquila_fn.generate import generate
-    from aquila_fn.sampling import SamplingParams
+    from aquila_fn.inference.generate import generate
+    from aquila_fn.inference.sampling import SamplingParams
 
     tok = run.tokenizer
     if tok is None or run.args.samples < 1:
