@@ -386,12 +386,12 @@ def test_non_utf8_chat_input_is_one_clear_line(monkeypatch, capsys):
 
 def test_a_bug_keeps_its_traceback(bad, monkeypatch):
     """The boundary handles the user's mistakes only: an unexpected exception propagates."""
-    from aquila_fn.inference import generate
+    from aquila_fn.inference import loading
 
     def broken(*args, **kwargs):
         raise KeyError("an internal bug")
 
-    monkeypatch.setattr(generate, "_load_native", broken)
+    monkeypatch.setattr(loading, "_load_native", broken)
     with pytest.raises(KeyError, match="an internal bug"):
         load_script("generate").main(["--model", str(bad / "native"), "--max-new-tokens", "1"])
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from aquila_fn.inference import decode_compile as dc
+from aquila_fn.inference import aot_build, aot_package, decode_compile as dc
 from alloc_count import Allocations
 from aquila_fn import get_config, init_params
 from aquila_fn.inference.generate import Decoder, decode_step
@@ -79,11 +79,11 @@ def test_auto_policy(tmp_path, monkeypatch):
     assert dc.decide("auto", spec, small, 127, tmp_path).build == "none"
     # A build in progress (a live pid holds the lock) serves later runs; a dead one's lock is stale.
     monkeypatch.setenv(dc.BACKGROUND_ENV, "1")
-    dc._lock_path(package).write_text(str(os.getpid()))
+    aot_build._lock_path(package).write_text(str(os.getpid()))
     busy = dc.decide("auto", spec, small, 127, tmp_path)
     assert busy.build == "none" and f"pid {os.getpid()}" in busy.reason
-    dc._lock_path(package).write_text("999999999")
-    assert dc.build_in_progress(package) is None and not dc._lock_path(package).exists()
+    aot_build._lock_path(package).write_text("999999999")
+    assert dc.build_in_progress(package) is None and not aot_build._lock_path(package).exists()
     # Cached: loaded, whatever the length.
     package.write_bytes(b"")
     cached = dc.decide("auto", spec, small, 1, tmp_path)
@@ -110,29 +110,29 @@ def test_background_build_plumbing(tmp_path, params, monkeypatch):
         def __init__(self, cmd, **kwargs):
             spawned.append((cmd, kwargs))
 
-    monkeypatch.setattr(dc.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(aot_build.subprocess, "Popen", FakePopen)
     spec = spec_of(params)
     package = spec.package_path(tmp_path)
     assert dc.start_background_build(spec, tmp_path) == 4242
     [(cmd, kwargs)] = spawned
-    assert cmd[:3] == [sys.executable, "-m", "aquila_fn.inference.decode_compile"] and kwargs["start_new_session"]
-    assert dc._lock_path(package).read_text() == "4242"
-    dc._lock_path(package).write_text(str(os.getpid()))  # a live builder holds it: no second build
+    assert cmd[:3] == [sys.executable, "-m", "aquila_fn.inference.aot_build"] and kwargs["start_new_session"]
+    assert aot_build._lock_path(package).read_text() == "4242"
+    aot_build._lock_path(package).write_text(str(os.getpid()))  # a live builder holds it: no second build
     assert dc.start_background_build(spec, tmp_path) is None and len(spawned) == 1
     job = json.loads(open(cmd[3]).read())
     assert dc.StepSpec.from_json(job["spec"]) == spec and job["package"] == str(package)
 
     built = []
-    monkeypatch.setattr(dc, "build_package", lambda p, s, d: built.append((s, d)) or 1.0)
-    monkeypatch.setattr(dc.signal, "signal", lambda *a: None)
-    monkeypatch.setattr(dc.os, "nice", lambda n: 0)
-    dc._lock_path(package).write_text(str(os.getpid()))
-    assert dc.main([cmd[3]]) == 0
+    monkeypatch.setattr(aot_build, "build_package", lambda p, s, d: built.append((s, d)) or 1.0)
+    monkeypatch.setattr(aot_build.signal, "signal", lambda *a: None)
+    monkeypatch.setattr(aot_build.os, "nice", lambda n: 0)
+    aot_build._lock_path(package).write_text(str(os.getpid()))
+    assert aot_build.main([cmd[3]]) == 0
     [(s, d)] = built
     assert s == spec and d == tmp_path
-    assert not dc._lock_path(package).exists() and not os.path.exists(cmd[3])
+    assert not aot_build._lock_path(package).exists() and not os.path.exists(cmd[3])
     # The placeholder weights have the real leaves' shapes and dtypes.
-    placeholders = dc._placeholder_params(spec)
+    placeholders = aot_build._placeholder_params(spec)
     assert dc.StepSpec.of(placeholders, CONFIG, compute_dtype=torch.float32, batch=1,
                           device=torch.device("cpu"), impl="reference") == spec
 
@@ -140,14 +140,14 @@ def test_background_build_plumbing(tmp_path, params, monkeypatch):
 def test_foreground_build_waits_for_a_build_in_progress(tmp_path, params, monkeypatch):
     spec = spec_of(params)
     package = spec.package_path(tmp_path)
-    dc._lock_path(package).write_text(str(os.getpid()))
+    aot_build._lock_path(package).write_text(str(os.getpid()))
 
     def other_process_finishes(_package, poll_s=0.5):
         package.write_bytes(b"built elsewhere")
-        dc._lock_path(package).unlink()
+        aot_build._lock_path(package).unlink()
 
-    monkeypatch.setattr(dc, "wait_for_build", other_process_finishes)
-    monkeypatch.setattr(dc, "build_package", lambda *a: pytest.fail("built twice"))
+    monkeypatch.setattr(aot_build, "wait_for_build", other_process_finishes)
+    monkeypatch.setattr(aot_build, "build_package", lambda *a: pytest.fail("built twice"))
     assert dc.build_locked(params, spec, tmp_path) is None and package.exists()
 
 
@@ -155,7 +155,7 @@ def test_auto_falls_back_to_eager_when_the_build_fails(tmp_path, params, monkeyp
     def no_compiler(*args):
         raise RuntimeError("no C++ compiler found\nmore detail")
 
-    monkeypatch.setattr(dc, "export_step", no_compiler)
+    monkeypatch.setattr(aot_package, "export_step", no_compiler)
     monkeypatch.setattr(dc, "estimated_saving_s", lambda *args: 1e9)  # auto builds at once
     lines = []
     d = Decoder(params, CONFIG, cache_dir=tmp_path, log=lines.append)
@@ -231,7 +231,7 @@ def test_graph_step_replays_static_buffers(params):
 
 def test_npu_decode_uses_torchair_reduce_overhead(monkeypatch):
     from npu_standin import make_torch_npu, make_torchair
-    from aquila_fn.inference.generate import _npu_graph_step
+    from aquila_fn.inference.decoder import _npu_graph_step
     torchair = make_torchair()
     monkeypatch.setitem(sys.modules, "torch_npu", make_torch_npu())
     monkeypatch.setitem(sys.modules, "torchair", torchair)

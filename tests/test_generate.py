@@ -165,8 +165,8 @@ def test_beam_reorder_is_in_place_and_memory_does_not_grow(params, monkeypatch):
     nothing but index tensors, however many steps run (copying the whole cache would allocate a
     layer's worth at every step)."""
     from alloc_count import Allocations
-    from aquila_fn.inference import generate
-    original = generate._CacheReorder.__call__
+    from aquila_fn.inference import beam
+    original = beam._CacheReorder.__call__
     per_call, storages = [], set()
 
     def counted(self, cache, rows, filled):
@@ -175,10 +175,10 @@ def test_beam_reorder_is_in_place_and_memory_does_not_grow(params, monkeypatch):
             original(self, cache, rows, filled)
         per_call.append(seen.bytes)
 
-    monkeypatch.setattr(generate._CacheReorder, "__call__", counted)
+    monkeypatch.setattr(beam._CacheReorder, "__call__", counted)
     d = Decoder(params, CONFIG)
     reference = d.beam_search([PROMPTS[1]], num_beams=4, max_new_tokens=30, num_return=4)
-    monkeypatch.setattr(generate._CacheReorder, "__call__", original)
+    monkeypatch.setattr(beam._CacheReorder, "__call__", original)
     assert d.beam_search([PROMPTS[1]], num_beams=4, max_new_tokens=30, num_return=4) == reference
     layer_bytes = 4 * (len(PROMPTS[1]) + 30) * CONFIG.n_kv_heads * CONFIG.head_dim * 4
     assert len(per_call) >= 20 and len(storages) == 1
