@@ -291,7 +291,7 @@ CASES = {
     "preprocess-latin1-text": C("preprocess_data", f"{PRE} --input {{bad}}/latin1.txt --output-prefix {{out}}/p",
                                 "latin1.txt", "UTF-8"),
     "preprocess-malformed-line": C("preprocess_data", f"{PRE} --input {{bad}}/bad_line.jsonl --output-prefix {{out}}/p",
-                                   "bad_line.jsonl", "line 2"),
+                                   "bad_line.jsonl:2", "JSON"),
     "preprocess-missing-key": C("preprocess_data", f"{PRE} --input {{bad}}/no_key.jsonl --output-prefix {{out}}/p",
                                 "no_key.jsonl", "text"),
     "preprocess-junk-parquet": C("preprocess_data", f"{PRE} --input {{bad}}/junk.parquet --output-prefix {{out}}/p",

@@ -242,10 +242,10 @@ def test_missing_text_file_is_named(tmp_path, tok):
 def test_jsonl_errors_name_file_and_line(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text('{"text": "a"}\n\n{"body": "b"}\n')
-    with pytest.raises(D.DataError, match=r"d\.jsonl: line 3: missing key\(s\) \['text'\]"):
+    with pytest.raises(D.DataError, match=r"d\.jsonl:3: missing key\(s\) \['text'\]"):
         list(D.iter_jsonl_records(f, ["text"]))
     f.write_text('{"text": "a"}\n{oops\n')
-    with pytest.raises(D.DataError, match=r"d\.jsonl: line 2 is not valid JSON"):
+    with pytest.raises(D.DataError, match=r"d\.jsonl:2: not valid JSON"):
         list(D.iter_jsonl_records(f, ["text"]))
 
 

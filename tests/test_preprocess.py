@@ -109,7 +109,7 @@ def test_errors_are_one_line_messages(pp, tok_path, tmp_path, capsys):
     src = tmp_path / "in.jsonl"
     src.write_text('{"text": "a"}\n{"other": "b"}\n')
     err = _error(capsys, lambda: _run(pp, tok_path, "--input", src, "--output-prefix", tmp_path / "x"))
-    assert re.search(r"in\.jsonl: line 2: missing key\(s\) \['text'\]", err)
+    assert re.search(r"in\.jsonl:2: missing key\(s\) \['text'\]", err)
     assert not list(tmp_path.glob("x_*"))  # no half-written dataset left behind
     src.write_text('{"text": "a"}\n')
     err = _error(capsys, lambda: pp.main(["--input", str(src), "--output-prefix", str(tmp_path / "y"),

@@ -182,7 +182,7 @@ def test_unknown_task_and_missing_files():
     assert tasks.get_task("C-Eval").name == "ceval"
     with pytest.raises(tasks.TaskDataError, match="data file not found"):
         tasks.load_task("boolq", DATA / "nope.jsonl")
-    with pytest.raises(tasks.TaskDataError, match=r"test\.jsonl:1: missing field\(s\) \['passage', 'label'\]"):
+    with pytest.raises(tasks.TaskDataError, match=r"test\.jsonl:1: missing key\(s\) \['passage', 'label'\]"):
         tasks.load_task("boolq", DATA / "gsm8k" / "test.jsonl")
 
 

@@ -21,7 +21,6 @@ sampler does for MMLU and C-Eval; shots are joined by a blank line and precede t
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -30,12 +29,15 @@ from typing import Callable, Sequence
 
 from aquila_fn.evaluation.evaluate import encode_pair, greedy_generate, perplexity, score_continuations
 from aquila_fn.core.files import read_text, utf8_errors
+from aquila_fn.data.records import iter_jsonl_records
 from parallel.cli import UserError
 
 LETTERS = ("A", "B", "C", "D")
 FEWSHOT_DELIMITER = "\n\n"
 TARGET_DELIMITER = " "
 GSM8K_STOP = ("Question:", "</s>", "<|im_end|>")
+BOOLQ_KEYS = ("question", "passage", "label")
+GSM8K_KEYS = ("question", "answer")
 
 CEVAL_SUBJECTS = {  # C-Eval subject -> its Chinese name (the official subject_mapping.json)
     "computer_network": "计算机网络", "operating_system": "操作系统", "computer_architecture": "计算机组成",
@@ -96,25 +98,9 @@ def _need_file(path: Path, what: str) -> Path:
     return path
 
 
-def read_jsonl(path: Path, required: Sequence[str]) -> list[dict]:
-    """Rows of a jsonl file, each checked for the `required` keys."""
-    rows = []
-    with open(_need_file(path, "data file"), encoding="utf-8") as f, utf8_errors(path, TaskDataError):
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskDataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise TaskDataError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise TaskDataError(f"{path}:{line_no}: missing field(s) {missing}; "
-                                    f"expected {list(required)}, got {sorted(row)}")
-            rows.append(row)
-    return rows
+def _jsonl_rows(path: Path, keys: Sequence[str]) -> list[dict]:
+    """All rows of a task's jsonl file (the data package's reader, raising TaskDataError)."""
+    return list(iter_jsonl_records(path, keys, error=TaskDataError))
 
 
 def _answer_index(value: str, path: Path, line: int) -> int:
@@ -177,10 +163,10 @@ def load_boolq(data: str | Path, *, shots: int = 0, limit: int | None = None, **
     """SuperGLUE BoolQ: choices " no"/" yes" (index = label). Shots come from train.jsonl beside
     the data file."""
     path = Path(data)
-    rows = read_jsonl(path, ("question", "passage", "label"))[:limit]
+    rows = _jsonl_rows(_need_file(path, "data file"), BOOLQ_KEYS)[:limit]
     prefix = ""
     if shots:
-        train = read_jsonl(_sibling(path, "train.jsonl", "BoolQ few-shot"), ("question", "passage", "label"))
+        train = _jsonl_rows(_sibling(path, "train.jsonl", "BoolQ few-shot"), BOOLQ_KEYS)
         prefix = "".join(boolq_text(r) + TARGET_DELIMITER + ("yes" if _boolq_label(r["label"], path, i) else "no")
                          + FEWSHOT_DELIMITER for i, r in enumerate(train[:shots], 1))
     return [MultipleChoice(id=str(r.get("idx", i)), context=prefix + boolq_text(r), choices=[" no", " yes"],
@@ -307,10 +293,10 @@ def load_gsm8k(data, *, shots: int = 5, limit: int | None = None, **_) -> list[G
     path = Path(data)
     if path.is_dir():
         path = path / "test.jsonl"
-    rows = read_jsonl(path, ("question", "answer"))[:limit]
+    rows = _jsonl_rows(_need_file(path, "data file"), GSM8K_KEYS)[:limit]
     prefix = ""
     if shots:
-        train = read_jsonl(_sibling(path, "train.jsonl", "GSM8K few-shot"), ("question", "answer"))
+        train = _jsonl_rows(_sibling(path, "train.jsonl", "GSM8K few-shot"), GSM8K_KEYS)
         prefix = "".join(f"Question: {r['question']}\nAnswer:{TARGET_DELIMITER}{r['answer']}{FEWSHOT_DELIMITER}"
                          for r in train[:shots])
     return [Generation(id=str(i), prompt=f"{prefix}Question: {r['question']}\nAnswer:",
