@@ -71,7 +71,7 @@ def _plain(t: torch.Tensor) -> bool:
 
 def is_dtensor(t) -> bool:
     """A torch.distributed DTensor, recognised by its type: ops import nothing distributed
-    unless one arrives."""
+    unless one arrives. The one definition: `parallel` and `aquila_fn` use this too."""
     return isinstance(t, torch.Tensor) and type(t).__name__ == "DTensor"
 
 

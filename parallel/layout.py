@@ -27,6 +27,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+# The one DTensor test lives in ops (which imports neither aquila_fn nor parallel), so parallel
+# takes it from there; re-exported here for parallel's other modules.
+from ops._dispatch import is_dtensor
 from parallel import rules as rules_mod
 from parallel.mesh import AXES, DATA_AXES, Mesh
 from parallel.rules import RuleError, Rules, Spec
@@ -42,10 +45,6 @@ def _dtensor_api():
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
     return DTensor, Partial, Replicate, Shard
-
-
-def is_dtensor(x: Any) -> bool:
-    return isinstance(x, torch.Tensor) and type(x).__name__ == "DTensor"
 
 
 @dataclass(frozen=True)

@@ -104,42 +104,17 @@ def plan_stage(model: PlanModel, mesh: Mesh, *, zero: int, sequence_parallel: bo
     comm_micro, comm_once = CommMeter(), CommMeter()
     saved_total, peak_total, grad_bytes, opt_bytes, bucket_bytes = 0, 0, 0, 0, 0
     for c, params in zip(chunks, parts):
-        loss = (model.stage_loss(layout, c, n_stages * virtual) if n_stages > 1 else model.loss(layout))
-        inputs = map_with_path(lambda p, x: x.detach().requires_grad_(True)
-                               if isinstance(x, torch.Tensor) and x.is_floating_point() else x, params)
-        diff = [x for x in leaves(inputs) if isinstance(x, torch.Tensor) and x.requires_grad]
-        batch = model.batch(rows, seq_len)
-        # meta tensors hold no values: data-dependent sizes (the fused loss's counted rows) are
-        # taken at their largest
-        with layout.activate(), torch.fx.experimental._config.patch(meta_nonzero_assume_all_nonzero=True):
-            with comm_micro, LiveMeter() as live:
-                value = loss(inputs, batch)
-                saved_total += live.live  # what the forward left alive for backward
-                grads = torch.autograd.grad(value, diff, allow_unused=True)
-            peak_total = max(peak_total, live.peak)
-            grads = [torch.zeros_like(x) if g is None else g for x, g in zip(diff, grads)]
-            grad_tree = _like(inputs, diff, grads)
-            with comm_once:
-                grad_tree = GradReducer(layout, overlap=False).finish(grad_tree)
-            grad_bytes += tree_local_bytes(grad_tree)
-            bucket_bytes += GradReducer(layout).buffer_bytes(inputs)
-            if n_stages > 1 and model.shared is not None:
-                _count_shared(comm_once, grad_tree, model.shared(c, n_stages * virtual))
-            opt = distributed_optimizer(model.optimizer(), layout, max_grad_norm=1.0, offload=offload)
-            state = opt.init(params)
-            opt_bytes += tree_local_bytes(state)
-            with comm_once, torch.no_grad():
-                opt.apply_(params, grad_tree, state)
+        saved, peak, grads, buckets, opt = _measure_chunk(
+            model, layout, params, c, n_stages, virtual, rows, seq_len, offload, comm_micro, comm_once)
+        saved_total += saved
+        peak_total = max(peak_total, peak)
+        grad_bytes += grads
+        bucket_bytes += buckets
+        opt_bytes += opt
 
     if n_stages > 1 and model.boundary_bytes is not None:
-        # point-to-point: each micro-batch's activation forward, its gradient backward, per chunk
-        per = model.boundary_bytes(rows, seq_len)
-        total_stages = n_stages * virtual
-        sends = sum((c < total_stages - 1) + (c > 0) for c in chunks) * micro_batches
-        rec = comm_once.records[("send", 2)]
-        rec.calls += sends
-        rec.payload_bytes += sends * per
-        rec.sent_bytes += sends * per
+        _count_boundary_sends(comm_once, model.boundary_bytes(rows, seq_len), chunks,
+                              n_stages * virtual, micro_batches)
     in_flight = _in_flight(schedule, n_stages, stage, micro_batches, virtual)
     activation_bytes = saved_total * in_flight / max(len(chunks), 1) if n_stages > 1 else saved_total
     comm = _merge(comm_micro, micro_batches, comm_once)
@@ -152,6 +127,54 @@ def plan_stage(model: PlanModel, mesh: Mesh, *, zero: int, sequence_parallel: bo
         "total_bytes": param_bytes + grad_bytes + bucket_bytes + (0 if offload else opt_bytes) + activation_bytes,
         "comm": comm, "comm_sent_bytes": sum(v["sent_bytes"] for v in comm.values()),
     }
+
+
+def _measure_chunk(model: PlanModel, layout: Layout, params: Any, chunk: int, n_stages: int, virtual: int,
+                   rows: int, seq_len: int, offload: bool, comm_micro: CommMeter, comm_once: CommMeter
+                   ) -> tuple[int, int, int, int, int]:
+    """One (virtual) stage's forward, backward, gradient reduction and optimizer step on meta
+    tensors: (bytes saved for backward, peak bytes, gradient bytes, gradient bucket bytes,
+    optimizer-state bytes). Collectives of one micro-batch go to `comm_micro`, of the step to
+    `comm_once`."""
+    total_stages = n_stages * virtual
+    loss = (model.stage_loss(layout, chunk, total_stages) if n_stages > 1 else model.loss(layout))
+    inputs = map_with_path(lambda p, x: x.detach().requires_grad_(True)
+                           if isinstance(x, torch.Tensor) and x.is_floating_point() else x, params)
+    diff = [x for x in leaves(inputs) if isinstance(x, torch.Tensor) and x.requires_grad]
+    batch = model.batch(rows, seq_len)
+    # meta tensors hold no values: data-dependent sizes (the fused loss's counted rows) are
+    # taken at their largest
+    with layout.activate(), torch.fx.experimental._config.patch(meta_nonzero_assume_all_nonzero=True):
+        with comm_micro, LiveMeter() as live:
+            value = loss(inputs, batch)
+            saved = live.live  # what the forward left alive for backward
+            grads = torch.autograd.grad(value, diff, allow_unused=True)
+        peak = live.peak
+        grads = [torch.zeros_like(x) if g is None else g for x, g in zip(diff, grads)]
+        grad_tree = _like(inputs, diff, grads)
+        with comm_once:
+            grad_tree = GradReducer(layout, overlap=False).finish(grad_tree)
+        grad_bytes = tree_local_bytes(grad_tree)
+        bucket_bytes = GradReducer(layout).buffer_bytes(inputs)
+        if n_stages > 1 and model.shared is not None:
+            _count_shared(comm_once, grad_tree, model.shared(chunk, total_stages))
+        opt = distributed_optimizer(model.optimizer(), layout, max_grad_norm=1.0, offload=offload)
+        state = opt.init(params)
+        opt_bytes = tree_local_bytes(state)
+        with comm_once, torch.no_grad():
+            opt.apply_(params, grad_tree, state)
+    return saved, peak, grad_bytes, bucket_bytes, opt_bytes
+
+
+def _count_boundary_sends(meter: CommMeter, per: int, chunks: list[int], total_stages: int,
+                          micro_batches: int) -> None:
+    """Point-to-point: each micro-batch's activation forward, its gradient backward, per chunk
+    (`per` bytes each)."""
+    sends = sum((c < total_stages - 1) + (c > 0) for c in chunks) * micro_batches
+    rec = meter.records[("send", 2)]
+    rec.calls += sends
+    rec.payload_bytes += sends * per
+    rec.sent_bytes += sends * per
 
 
 def _count_shared(meter: CommMeter, grads: Any, paths: tuple) -> None:

@@ -322,6 +322,39 @@ def _rewrap(state: Any, index: list[tuple[str, Any]]) -> Any:
     return map_with_path(one, state)
 
 
+def _clip_by_global_norm(grads: Any, max_grad_norm: float | None, norm_group,
+                         norm_skip: tuple[str, ...]) -> Any:
+    """Gradients scaled so their norm over the whole mesh is at most `max_grad_norm` (falsy: off)."""
+    if not max_grad_norm:
+        return grads
+    norm = global_grad_norm(grads, norm_group, norm_skip)
+    factor = max_grad_norm / torch.clamp(norm, min=max_grad_norm)
+    return map_with_path(lambda p, g: g * factor.to(g.device) if isinstance(g, torch.Tensor) else g, grads)
+
+
+def _write_back_blocks(params: Any, new_local: Any, opt_params: Any) -> Any:
+    """Copy updated local blocks into the parameters (gathering where they are wider)."""
+    from torch.distributed.tensor import DTensor
+
+    def one(path, p, new, op):
+        if not isinstance(p, torch.Tensor):
+            return p
+        if not is_dtensor(p):
+            if new is not p:
+                p.copy_(new.to(p.device))
+            return p
+        new = new.to(op.to_local().device)
+        block = DTensor.from_local(new, op.device_mesh, op.placements, shape=op.shape,
+                                   stride=op.stride(), run_check=False)
+        if tuple(op.placements) != tuple(p.placements):
+            block = block.redistribute(p.device_mesh, p.placements)
+        if block.to_local().data_ptr() != p.to_local().data_ptr():
+            p.to_local().copy_(block.to_local())
+        return p
+
+    return map_with_path(one, params, new_local, opt_params)
+
+
 def distributed_optimizer(inner, layout: Layout, *, max_grad_norm: float | None = None,
                           offload: bool = False, norm_group=None, norm_skip: tuple[str, ...] = ()):
     """`inner` (an optax-shaped GradientTransformation) applied shard by shard.
@@ -346,33 +379,7 @@ def distributed_optimizer(inner, layout: Layout, *, max_grad_norm: float | None 
         return _rewrap(state, _param_index(opt_params))
 
     def _clip(grads):
-        if not max_grad_norm:
-            return grads
-        norm = global_grad_norm(grads, norm_group, norm_skip)
-        factor = max_grad_norm / torch.clamp(norm, min=max_grad_norm)
-        return map_with_path(lambda p, g: g * factor.to(g.device) if isinstance(g, torch.Tensor) else g, grads)
-
-    def _write_back(params, new_local, opt_params):
-        """Copy updated local blocks into the parameters (gathering where they are wider)."""
-        from torch.distributed.tensor import DTensor
-
-        def one(path, p, new, op):
-            if not isinstance(p, torch.Tensor):
-                return p
-            if not is_dtensor(p):
-                if new is not p:
-                    p.copy_(new.to(p.device))
-                return p
-            new = new.to(op.to_local().device)
-            block = DTensor.from_local(new, op.device_mesh, op.placements, shape=op.shape,
-                                       stride=op.stride(), run_check=False)
-            if tuple(op.placements) != tuple(p.placements):
-                block = block.redistribute(p.device_mesh, p.placements)
-            if block.to_local().data_ptr() != p.to_local().data_ptr():
-                p.to_local().copy_(block.to_local())
-            return p
-
-        return map_with_path(one, params, new_local, opt_params)
+        return _clip_by_global_norm(grads, max_grad_norm, norm_group, norm_skip)
 
     def apply_(params, grads, state):
         grads = _clip(_to_opt(grads, layout))
@@ -385,7 +392,7 @@ def distributed_optimizer(inner, layout: Layout, *, max_grad_norm: float | None 
             updates, new_state = inner.update(_local(grads, host), local_state, local_params)
             for p, u in zip(leaves(local_params), leaves(updates)):
                 p.add_(u.to(p.dtype))
-        _write_back(params, local_params, opt_params)
+        _write_back_blocks(params, local_params, opt_params)
         return _rewrap(new_state, _param_index(opt_params))
 
     def update(grads, state, params=None):

@@ -48,34 +48,34 @@ def _counter(n: int):
 def install_failpoint(at: str, n: int) -> None:
     import shutil
 
-    from aquila_fn.jobs import pretrain
-    from aquila_fn.training import checkpoint
+    from aquila_fn.jobs.pretrain import metrics as pretrain_metrics
+    from aquila_fn.training.checkpoint import directory, rank_file
 
     count = _counter(n)
     if at == "record":
-        write_record = checkpoint._write_record
+        write_record = rank_file._write_record
 
         def _write_record(f, *args, **kwargs):
             write_record(f, *args, **kwargs)
             f.flush()  # what was written so far reaches the file
             count()
 
-        checkpoint._write_record = _write_record
+        rank_file._write_record = _write_record
     elif at == "commit":
-        commit = checkpoint._commit
+        commit = directory._commit
 
         def _commit(*args):
             count()
             commit(*args)
 
-        checkpoint._commit = _commit
+        directory._commit = _commit
     elif at == "committed":
         def replace(src, dst):
             os.replace(src, dst)
             if os.path.basename(src).startswith(".tmp-step_"):
                 count()
 
-        checkpoint.os = _Namespace(os, replace=replace)
+        directory.os = _Namespace(os, replace=replace)
     elif at == "prune":
         def rmtree(path, *args, **kwargs):
             if os.path.basename(path).startswith(".del-"):
@@ -85,14 +85,14 @@ def install_failpoint(at: str, n: int) -> None:
                 count()
             shutil.rmtree(path, *args, **kwargs)
 
-        checkpoint.shutil = _Namespace(shutil, rmtree=rmtree)
+        directory.shutil = _Namespace(shutil, rmtree=rmtree)
     elif at == "metrics":
         def replace(src, dst):
             if os.fspath(src).endswith("metrics.jsonl.tmp"):
                 count()
             os.replace(src, dst)
 
-        pretrain.os = _Namespace(os, replace=replace)
+        pretrain_metrics.os = _Namespace(os, replace=replace)
     else:
         raise ValueError(f"unknown failpoint {at!r}")
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from aquila_fn.training import checkpoint as C
+from aquila_fn.training.checkpoint import rank_file
 from aquila_fn.core.pytree import named_leaves
 
 
@@ -82,7 +83,7 @@ def test_file_is_a_plain_msgpack_stream_without_pickle(tmp_path):
 
 
 def test_large_leaf_is_streamed_in_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(C, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(rank_file, "CHUNK_BYTES", 1000)
     w = torch.randn(3001)  # 12004 bytes -> 13 chunks
     loaded, _ = C.load_checkpoint(C.save_checkpoint(tmp_path, {"w": w}, step=0))
     assert torch.equal(loaded["w"], w)
@@ -137,7 +138,7 @@ def test_corrupted_header_is_detected(tmp_path):
 def test_crash_mid_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
     good = _state(0)
     C.save_checkpoint(tmp_path, good, step=1)
-    real = C._write_record
+    real = rank_file._write_record
     calls = {"n": 0}
 
     def dying_write(*args, **kwargs):
@@ -146,10 +147,10 @@ def test_crash_mid_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(C, "_write_record", dying_write)
+    monkeypatch.setattr(rank_file, "_write_record", dying_write)
     with pytest.raises(KeyboardInterrupt):
         C.save_checkpoint(tmp_path, _state(1), step=2)
-    monkeypatch.setattr(C, "_write_record", real)
+    monkeypatch.setattr(rank_file, "_write_record", real)
 
     assert C.latest_checkpoint(tmp_path) == str(tmp_path / "step_00000001")
     assert not (tmp_path / "step_00000002").exists()

@@ -226,6 +226,27 @@ def save_llama2c(path: str | os.PathLike, config: ModelConfig, params: dict, *, 
     The file is written to ``path + '.tmp'`` and renamed into place. llama2.c has no fields for
     norm_eps or rope_theta; a config that differs from its constants (1e-5, 10000) is refused
     rather than silently changed."""
+    _check_exportable(config, params, version)
+    shared = "lm_head" not in params
+    parts = _llama2c_arrays(config, params)
+    h = dict(version=version, dim=config.dim, hidden_dim=config.ffn_dim, n_layers=config.n_layers,
+             n_heads=config.n_heads, n_kv_heads=config.n_kv_heads, vocab_size=config.vocab_size,
+             max_seq_len=config.max_seq_len, shared_classifier=shared)
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(_pack_header(config, version, shared))
+        for name, count in _layout(h):
+            arr = parts[name].astype("<f4", copy=False).reshape(-1)
+            if arr.size != count:
+                raise ValueError(f"{name} has {arr.size} values, the llama2.c layout for this config "
+                                 f"needs {count}")
+            fh.write(arr.tobytes())
+    os.replace(tmp, p)
+
+
+def _check_exportable(config: ModelConfig, params: dict, version: int) -> None:
+    """What llama2.c cannot represent is refused: other versions, eps/theta, merged projections."""
     if version not in (0, 1):
         raise ValueError(f"save_llama2c writes version 0 or 1, not {version}")
     if config.norm_eps != NORM_EPS or config.rope_theta != ROPE_THETA:
@@ -240,6 +261,11 @@ def save_llama2c(path: str | os.PathLike, config: ModelConfig, params: dict, *, 
         raise ValueError(f"params have {len(layers)} layers, config.n_layers={config.n_layers}")
     if any("wqkv" in layer["attn"] or "w_gate_up" in layer["mlp"] for layer in layers):
         raise ValueError("params use merged projections; call aquila_fn.core.model.split_projections first")
+
+
+def _llama2c_arrays(config: ModelConfig, params: dict) -> dict[str, np.ndarray]:
+    """The float32 arrays of a llama2.c file by its names (layers stacked, q/k rotary interleaved)."""
+    layers = params["layers"]
 
     def f32(x: torch.Tensor) -> np.ndarray:
         return x.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
@@ -262,28 +288,17 @@ def save_llama2c(path: str | os.PathLike, config: ModelConfig, params: dict, *, 
     }
     cos, sin = _rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
     parts["freq_cis_real"], parts["freq_cis_imag"] = cos.numpy(), sin.numpy()
-    if not shared:
+    if "lm_head" in params:
         parts["wcls"] = f32(params["lm_head"])
+    return parts
 
-    h = dict(version=version, dim=config.dim, hidden_dim=config.ffn_dim, n_layers=config.n_layers,
-             n_heads=config.n_heads, n_kv_heads=config.n_kv_heads, vocab_size=config.vocab_size,
-             max_seq_len=config.max_seq_len, shared_classifier=shared)
+
+def _pack_header(config: ModelConfig, version: int, shared: bool) -> bytes:
+    """The header bytes: version 0 is seven int32 (a negative vocab means an unshared classifier);
+    version 1 adds a magic, the version and a shared flag, padded to V1_HEADER_BYTES."""
     dims = (config.dim, config.ffn_dim, config.n_layers, config.n_heads, config.n_kv_heads)
     if version == 0:
-        header = struct.pack("<7i", *dims, config.vocab_size if shared else -config.vocab_size,
-                             config.max_seq_len)
-    else:
-        header = struct.pack("<Ii7iB", MAGIC, 1, *dims, config.vocab_size, config.max_seq_len, int(shared))
-        header += b"\0" * (V1_HEADER_BYTES - len(header))
-
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(header)
-        for name, count in _layout(h):
-            arr = parts[name].astype("<f4", copy=False).reshape(-1)
-            if arr.size != count:
-                raise ValueError(f"{name} has {arr.size} values, the llama2.c layout for this config "
-                                 f"needs {count}")
-            fh.write(arr.tobytes())
-    os.replace(tmp, p)
+        return struct.pack("<7i", *dims, config.vocab_size if shared else -config.vocab_size,
+                           config.max_seq_len)
+    header = struct.pack("<Ii7iB", MAGIC, 1, *dims, config.vocab_size, config.max_seq_len, int(shared))
+    return header + b"\0" * (V1_HEADER_BYTES - len(header))
