@@ -2,6 +2,7 @@
 
 Every op takes impl="auto" | "reference" | "fused" | "npu"; see each function's docstring.
 """
+from ._dispatch import is_dtensor
 from .adamw import adamw, adamw_
 from .attention import attention
 from .cross_entropy import cross_entropy
@@ -10,4 +11,4 @@ from .rotary import rope_table, rotary
 from .swiglu import swiglu, swiglu_packed
 
 __all__ = ["rms_norm", "rope_table", "rotary", "attention", "swiglu", "swiglu_packed",
-           "cross_entropy", "adamw", "adamw_"]
+           "cross_entropy", "adamw", "adamw_", "is_dtensor"]

@@ -29,7 +29,7 @@ import torch
 
 # The one DTensor test lives in ops (which imports neither aquila_fn nor parallel), so parallel
 # takes it from there; re-exported here for parallel's other modules.
-from ops._dispatch import is_dtensor
+from ops import is_dtensor
 from parallel import rules as rules_mod
 from parallel.mesh import AXES, DATA_AXES, Mesh
 from parallel.rules import RuleError, Rules, Spec

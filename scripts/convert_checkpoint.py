@@ -49,10 +49,10 @@ def parse_size(text: str) -> int:
 
 
 def detect_format(path: Path) -> str:
-    from aquila_fn.inference.generate import _is_llama2c
+    from aquila_fn.inference.loading import is_llama2c
     if path.is_dir() and (path / "config.json").is_file():
         return "hf"
-    if _is_llama2c(path):
+    if is_llama2c(path):
         return "llama2c"
     return "native"
 
@@ -68,8 +68,8 @@ def read(path: Path, fmt: str) -> tuple[ModelConfig, dict, str | None]:
         from aquila_fn.interop.llama2c import load_llama2c
         config, params = load_llama2c(path)
         return config, params, None
-    from aquila_fn.inference.generate import _load_native
-    return _load_native(path, None)
+    from aquila_fn.inference.loading import load_native
+    return load_native(path, None)
 
 
 def write_native(dst: Path, config: ModelConfig, params: dict, source: Path, tokenizer: str | None) -> Path:

@@ -391,7 +391,7 @@ def test_a_bug_keeps_its_traceback(bad, monkeypatch):
     def broken(*args, **kwargs):
         raise KeyError("an internal bug")
 
-    monkeypatch.setattr(loading, "_load_native", broken)
+    monkeypatch.setattr(loading, "load_native", broken)
     with pytest.raises(KeyError, match="an internal bug"):
         load_script("generate").main(["--model", str(bad / "native"), "--max-new-tokens", "1"])
 

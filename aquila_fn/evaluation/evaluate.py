@@ -22,7 +22,8 @@ import torch
 
 from aquila_fn.core.config import ModelConfig
 from aquila_fn.core.progress import progress_bar
-from aquila_fn.inference.generate import Decoder, load_model
+from aquila_fn.inference.decoder import Decoder
+from aquila_fn.inference.loading import load_model
 from aquila_fn.core.model import forward, head_weight, init_cache
 
 Params = dict

@@ -15,7 +15,6 @@ from aquila_fn.inference.beam import Beam
 from aquila_fn.inference.decoder import (Completion, DecodeStats, Decoder, StreamEvent, beam_search, generate,
                                          hugepage_params, left_pad, stream)
 from aquila_fn.inference.loading import ASSETS, DEFAULT_MODEL, DEFAULT_TOKENIZER, load_model
-from aquila_fn.inference.loading import _is_llama2c, _load_native  # noqa: F401 - scripts/convert_checkpoint.py
 from aquila_fn.inference.steps import decode_backend, decode_step, prefill_step
 from aquila_fn.inference.text import AQUILA_STOP, AQUILA_SYSTEM, aquila_chat_prompt, completion_text
 

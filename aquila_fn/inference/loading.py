@@ -17,7 +17,7 @@ DEFAULT_MODEL = ASSETS / "stories260K.bin"
 DEFAULT_TOKENIZER = ASSETS / "tok512.model"
 
 
-def _is_llama2c(path: Path) -> bool:
+def is_llama2c(path: Path) -> bool:
     if not path.is_file():
         return False
     from aquila_fn.interop.llama2c import Llama2cFormatError, read_llama2c_header
@@ -51,11 +51,11 @@ def load_model(path: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.dtype | 
     if path.is_dir() and (path / "config.json").is_file():
         from aquila_fn.interop.hf import load_hf
         config, params = load_hf(path, dtype=dtype, device=device)
-    elif _is_llama2c(path):
+    elif is_llama2c(path):
         from aquila_fn.interop.llama2c import load_llama2c
         config, params = load_llama2c(path)
     else:
-        config, params, tokenizer = _load_native(path, tokenizer)
+        config, params, tokenizer = load_native(path, tokenizer)
     from aquila_fn.core import pytree
     params = pytree.tree_map(lambda x: _cast(x, dtype, device), params)
     from aquila_fn.data.tokenizer import check_tokenizer_fits, load_tokenizer
@@ -65,7 +65,7 @@ def load_model(path: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.dtype | 
     return config, params, tok
 
 
-def _load_native(path: Path, tokenizer):
+def load_native(path: Path, tokenizer):
     """A native checkpoint (a pretrain.py output directory, a run directory, a step directory or a
     rank file; the newest checkpoint is taken); its metadata must hold the config, and may name
     the tokenizer the run used."""

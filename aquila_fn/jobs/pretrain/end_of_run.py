@@ -35,7 +35,7 @@ def plot_losses(records: list[dict], path: Path) -> None:
 
 def generate_samples(run: Run, params, generator: torch.Generator) -> list[str]:
     """A few sampled continuations, through the inference engine's static-KV-cache decoder."""
-    from aquila_fn.inference.generate import generate
+    from aquila_fn.inference.decoder import generate
     from aquila_fn.inference.sampling import SamplingParams
 
     tok = run.tokenizer
