@@ -224,13 +224,3 @@ def fraction(text: str) -> float:
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not in [0, 1)")
     return value
-
-
-def mesh_spec(text: str) -> str:
-    """--mesh: axis names and sizes checked when the arguments are parsed (`mesh.mesh_axes`)."""
-    from parallel.mesh import MeshError, mesh_axes
-    try:
-        mesh_axes(text)
-    except MeshError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text

@@ -11,6 +11,7 @@ mesh: every transform in this package becomes the identity on it.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import math
 import os
@@ -222,3 +223,12 @@ def make_mesh(spec: str | dict | None = None, *, timeout_s: float = DEFAULT_TIME
 
 def trivial_mesh() -> Mesh:
     return Mesh({}, None, device_type())
+
+
+def mesh_spec(text: str) -> str:
+    """argparse type of --mesh: axis names and sizes checked while the arguments are parsed."""
+    try:
+        mesh_axes(text)
+    except MeshError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text

@@ -12,7 +12,7 @@ saved tensors, inputs kept for recomputation, gathered weights) times the micro-
 pipeline schedule keeps in flight; communication is every collective the
 forward, backward, gradient reduction and optimizer step issue (`meter.CommMeter`).
 
-The model comes from a plugin module (`--model`, default `aquila_fn.training.sharding`) exposing
+The model comes from a plugin module (`--model`, default `aquila_fn.training.parallel_setup`) exposing
 `plan_model(config, overrides, precision, recompute) -> PlanModel`; parallel/ itself knows no
 model.
 """
@@ -33,7 +33,7 @@ import torch.fx.experimental._config
 from parallel import cli
 from parallel.grads import GradReducer
 from parallel.layout import Layout
-from parallel.mesh import Mesh, MeshError, mesh_axes, parse_mesh
+from parallel.mesh import Mesh, MeshError, mesh_axes, mesh_spec, parse_mesh
 from parallel.meter import CommMeter, LiveMeter, tree_local_bytes
 from parallel.tree import leaves, map_with_path
 from parallel.zero import distributed_optimizer
@@ -288,7 +288,7 @@ def load_model(spec: str, config: str, overrides: dict, precision: str, recomput
         if e.name is None or not module.startswith(e.name):
             raise  # the plugin itself imports something missing: its bug, with its traceback
         raise cli.UserError(f"--model {spec}: no module named {e.name!r} (give an importable "
-                            f"module[:function], e.g. aquila_fn.training.sharding)") from None
+                            f"module[:function], e.g. aquila_fn.training.parallel_setup)") from None
     if not hasattr(plugin, fn or "plan_model"):
         raise cli.UserError(f"--model {spec}: module {module} has no function {fn or 'plan_model'!r}")
     return getattr(plugin, fn or "plan_model")(config, overrides, precision, recompute)
@@ -313,10 +313,10 @@ def _overrides(text: str) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m parallel.plan", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="aquila_fn.training.sharding", help="plugin module[:function]")
+    p.add_argument("--model", default="aquila_fn.training.parallel_setup", help="plugin module[:function]")
     p.add_argument("--config", required=True, help="model preset, e.g. aquila2-34b")
     p.add_argument("--model-overrides", type=_overrides, default={}, help="e.g. n_layers=4,dim=512")
-    p.add_argument("--mesh", required=True, type=cli.mesh_spec, help="e.g. dp=8,tp=8,pp=2")
+    p.add_argument("--mesh", required=True, type=mesh_spec, help="e.g. dp=8,tp=8,pp=2")
     p.add_argument("--world-size", type=cli.positive_int, default=None, help="only needed with a -1 mesh axis")
     p.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3))
     p.add_argument("--sequence-parallel", action="store_true")

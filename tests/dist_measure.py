@@ -117,7 +117,7 @@ def measure(spec, zero, sp, recompute, batch_size, seq_len):
 
 def plan_case(spec, zero, sp, recompute, batch_size, seq_len):
     from parallel.plan import plan
-    from aquila_fn.training.sharding import plan_model
+    from aquila_fn.training.parallel_setup import plan_model
 
     model = plan_model("tiny", {}, "fp32", recompute)
     _rope_table_cached.cache_clear()  # its forward builds the rotary table, as the measured ones do

@@ -8,6 +8,7 @@ import datetime
 import pytest
 
 from parallel import cli
+from parallel.mesh import mesh_spec
 
 
 class Mistake(cli.UserError, ValueError):
@@ -61,7 +62,7 @@ def test_argparse_errors_are_one_line(capsys):
     (cli.positive_float, "1e-3", 1e-3), (cli.positive_float, "0", None), (cli.positive_float, "inf", None),
     (cli.nonnegative_float, "nan", None), (cli.probability, "1", 1.0), (cli.probability, "0", None),
     (cli.probability, "1.01", None), (cli.fraction, "0", 0.0), (cli.fraction, "1", None),
-    (cli.mesh_spec, "dp=2,tp=-1", "dp=2,tp=-1"), (cli.mesh_spec, "dp=0", None), (cli.mesh_spec, "x=2", None),
+    (mesh_spec, "dp=2,tp=-1", "dp=2,tp=-1"), (mesh_spec, "dp=0", None), (mesh_spec, "x=2", None),
 ])
 def test_argument_types(kind, text, ok):
     if ok is None:

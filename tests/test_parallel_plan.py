@@ -112,7 +112,7 @@ def test_plan_of_tied_embeddings_under_pp_and_of_gradient_buckets():
     from parallel.plan import load_model, plan
 
     config = get_config("tiny", n_layers=2)
-    model = load_model("aquila_fn.training.sharding", "tiny", {"n_layers": 2}, "fp32", "none")
+    model = load_model("aquila_fn.training.parallel_setup", "tiny", {"n_layers": 2}, "fp32", "none")
     embed, norm = config.vocab_size * config.dim * 4, config.dim * 4
     layer = (config.num_params() - config.vocab_size * config.dim - config.dim) // 2 * 4
     first, last = plan(model, "pp=2", batch_size=4, micro_batch_size=1, seq_len=32)["stages"]

@@ -258,7 +258,7 @@ def head_weight(params: Params) -> torch.Tensor:
     return params["lm_head"] if "lm_head" in params else params["embed"]
 
 
-# The forward in stages. `forward` composes them; pipeline stages (aquila_fn.training.sharding) and the
+# The forward in stages. `forward` composes them; pipeline stages (aquila_fn.training.pipeline_stages) and the
 # decoder (aquila_fn.inference.generate) call the same pieces, so there is one model code path.
 
 

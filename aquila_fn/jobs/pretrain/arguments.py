@@ -9,7 +9,7 @@ from typing import Any
 
 from aquila_fn.core import device, model
 from aquila_fn.core.config import PRESETS
-from aquila_fn.training import optim, sharding, train
+from aquila_fn.training import optim, parallel_setup, train
 from parallel import cli
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--temperature", type=cli.nonnegative_float, default=0.8)
     a("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar on stderr")
     device.add_argument(p)
-    sharding.add_arguments(p)  # --mesh, --zero, --sequence-parallel, ... (parallel layouts)
+    parallel_setup.add_arguments(p)  # --mesh, --zero, --sequence-parallel, ... (parallel layouts)
     return p
 
 

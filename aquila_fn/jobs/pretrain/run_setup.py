@@ -15,7 +15,7 @@ import torch
 from aquila_fn import data
 from aquila_fn.core import device
 from aquila_fn.core.config import PRESETS, ModelConfig, get_config
-from aquila_fn.training import optim, sharding, train
+from aquila_fn.training import optim, parallel_setup, train
 from ops import _dispatch as ops_dispatch
 
 from .arguments import PretrainError, validate_args
@@ -32,7 +32,7 @@ class Run:
     tokenizer: Any
     optimizer: optim.GradientTransformation
     out: Path
-    par: Any = None  # sharding.ParallelSetup: the identity on one process
+    par: Any = None  # parallel_setup.ParallelSetup: the identity on one process
 
     @property
     def device(self) -> torch.device:
@@ -95,7 +95,7 @@ def setup(args: argparse.Namespace) -> Run:
     optimizer = optim.adamw(schedule, b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_eps,
                             weight_decay=args.weight_decay, mask=mask,
                             max_grad_norm=args.clip_grad or None)
-    par = sharding.ParallelSetup.from_args(args)
+    par = parallel_setup.ParallelSetup.from_args(args)
     optimizer = par.wrap_optimizer(optimizer, args.clip_grad or None)
     return Run(args, config, precision, args.batch_size // mbs, datasets, tokenizer, optimizer,
                Path(args.out), par)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from aquila_fn.core import pytree
-from aquila_fn.training import checkpoint, sharding, train
+from aquila_fn.training import checkpoint, parallel_setup, train
 
 from .arguments import PretrainError
 from .run_setup import Run
@@ -34,7 +34,7 @@ def restore_into(template: Any, loaded: Any) -> Any:
         if have.shape != want.shape or have.dtype != want.dtype:
             raise PretrainError(f"checkpoint leaf {path!r} is {tuple(have.shape)} {have.dtype}, the run "
                                 f"expects {tuple(want.shape)} {want.dtype}")
-        leaves.append(sharding.place_like(have, want))  # reshards onto this run's mesh
+        leaves.append(parallel_setup.place_like(have, want))  # reshards onto this run's mesh
     return pytree.unflatten(pytree.structure(template), leaves)
 
 
