@@ -149,6 +149,21 @@ def test_pipeline_stages_split_the_layers_and_hold_the_embedding_at_both_ends_wh
             assert one[path].shape == leaf.shape, path
 
 
+@pytest.mark.parametrize("schedule, virtual", [("1f1b", 1), ("interleaved", 2)])
+def test_one_f_one_b_with_fewer_micro_batches_than_stages_is_a_mesh_error(schedule, virtual):
+    """Caught with the flags, before any process group work (torch's schedule would raise a
+    ValueError inside init on every rank); GPipe runs with one micro-batch."""
+    from types import SimpleNamespace
+
+    mesh = Mesh({"pp": 2}, object(), "cpu")
+    args = SimpleNamespace(precision="fp32", virtual_stages=virtual, pp_schedule=schedule, recompute="none")
+    with pytest.raises(MeshError, match="at least 2 micro-batches per step, got 1.*--micro-batch-size"):
+        pipeline_stages.PipelineOptions.from_args(args, mesh, micro_batches=1)
+    assert pipeline_stages.PipelineOptions.from_args(args, mesh, micro_batches=2).micro_batches == 2
+    gpipe = SimpleNamespace(precision="fp32", virtual_stages=1, pp_schedule="gpipe", recompute="none")
+    assert pipeline_stages.PipelineOptions.from_args(gpipe, mesh, micro_batches=1).schedule == "gpipe"
+
+
 def test_compiled_layers_on_a_mesh_refuse_selective_recomputation():
     layout = Layout(Mesh({"dp": 2}, object(), "cpu"), sharding.RULES)  # a mesh of 2 (never used)
     with pytest.raises(ValueError, match="selective"):

@@ -322,6 +322,11 @@ class PipelineOptions:
         if not mesh.has("pp"):
             raise MeshError("--virtual-stages needs a pp axis in --mesh (e.g. --mesh pp=2)")
         schedule = "interleaved" if args.virtual_stages > 1 else args.pp_schedule
+        pp = mesh.size("pp")
+        if schedule != "gpipe" and micro_batches < pp:  # torch's 1F1B schedules fill the pipeline first
+            raise MeshError(f"the {schedule} pipeline schedule over {pp} stages needs at least {pp} "
+                            f"micro-batches per step, got {micro_batches}: lower --micro-batch-size "
+                            f"(--batch-size / --micro-batch-size micro-batches) or use --pp-schedule gpipe")
         return cls(mesh, args.virtual_stages, schedule, micro_batches, precision, args.recompute,
                    getattr(args, "impl", "auto"))
 
