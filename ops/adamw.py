@@ -83,7 +83,8 @@ def _groups(params, grads, exp_avgs, exp_avg_sqs, wds):
 
 
 def _fused_supported(device: torch.device) -> bool:
-    return device.type in ("cpu", "cuda", "xpu", "mps")
+    # meta: parallel.plan's dry run plans the kernel a real run takes (no foreach temporaries)
+    return device.type in ("cpu", "cuda", "xpu", "mps", "meta")
 
 
 def adamw(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],

@@ -118,12 +118,18 @@ def plan_stage(model: PlanModel, mesh: Mesh, *, zero: int, sequence_parallel: bo
     in_flight = _in_flight(schedule, n_stages, stage, micro_batches, virtual)
     activation_bytes = saved_total * in_flight / max(len(chunks), 1) if n_stages > 1 else saved_total
     comm = _merge(comm_micro, micro_batches, comm_once)
+    resident = param_bytes + (0 if offload else opt_bytes)
     return {
         "stage": stage, "params_bytes": param_bytes, "grads_bytes": grad_bytes, "grad_bucket_bytes": bucket_bytes,
         "optimizer_bytes": 0 if offload else opt_bytes, "host_optimizer_bytes": opt_bytes if offload else 0,
         "activation_bytes_per_micro_batch": saved_total, "micro_batches_in_flight": in_flight,
         "activation_bytes": activation_bytes,
         "micro_batch_peak_bytes": peak_total,
+        # the high-water mark of a step: parameters and optimizer state, the other micro-batches'
+        # activations a pipeline holds, the gradient buckets (as if all were held at once), and
+        # the meta run's own peak through forward, backward, reduction and optimizer step
+        "peak_bytes": resident + bucket_bytes + (activation_bytes - saved_total / max(len(chunks), 1))
+        + peak_total + (grad_bytes - grad_bytes / max(len(chunks), 1)),
         "total_bytes": param_bytes + grad_bytes + bucket_bytes + (0 if offload else opt_bytes) + activation_bytes,
         "comm": comm, "comm_sent_bytes": sum(v["sent_bytes"] for v in comm.values()),
     }
@@ -133,8 +139,8 @@ def _measure_chunk(model: PlanModel, layout: Layout, params: Any, chunk: int, n_
                    rows: int, seq_len: int, offload: bool, comm_micro: CommMeter, comm_once: CommMeter
                    ) -> tuple[int, int, int, int, int]:
     """One (virtual) stage's forward, backward, gradient reduction and optimizer step on meta
-    tensors: (bytes saved for backward, peak bytes, gradient bytes, gradient bucket bytes,
-    optimizer-state bytes). Collectives of one micro-batch go to `comm_micro`, of the step to
+    tensors: (bytes saved for backward, the step's high-water mark of bytes allocated on top of
+    parameters and optimizer state, gradient bytes, gradient bucket bytes, optimizer-state bytes). Collectives of one micro-batch go to `comm_micro`, of the step to
     `comm_once`."""
     total_stages = n_stages * virtual
     loss = (model.stage_loss(layout, chunk, total_stages) if n_stages > 1 else model.loss(layout))
@@ -144,26 +150,28 @@ def _measure_chunk(model: PlanModel, layout: Layout, params: Any, chunk: int, n_
     batch = model.batch(rows, seq_len)
     # meta tensors hold no values: data-dependent sizes (the fused loss's counted rows) are
     # taken at their largest
+    opt = distributed_optimizer(model.optimizer(), layout, max_grad_norm=1.0, offload=offload)
     with layout.activate(), torch.fx.experimental._config.patch(meta_nonzero_assume_all_nonzero=True):
-        with comm_micro, LiveMeter() as live:
-            value = loss(inputs, batch)
-            saved = live.live  # what the forward left alive for backward
-            grads = torch.autograd.grad(value, diff, allow_unused=True)
-        peak = live.peak
-        grads = [torch.zeros_like(x) if g is None else g for x, g in zip(diff, grads)]
-        grad_tree = _like(inputs, diff, grads)
-        with comm_once:
-            grad_tree = GradReducer(layout, overlap=False).finish(grad_tree)
-        grad_bytes = tree_local_bytes(grad_tree)
+        state = opt.init(params)  # exists before the step: not part of its high-water mark
+        with LiveMeter() as live:  # everything the step allocates on top of parameters and state
+            with comm_micro:
+                value = loss(inputs, batch)
+                saved = live.live  # what the forward left alive for backward
+                grads = torch.autograd.grad(value, diff, allow_unused=True)
+            del value
+            grads = [torch.zeros_like(x) if g is None else g for x, g in zip(diff, grads)]
+            grad_tree = _like(inputs, diff, grads)
+            del grads
+            with comm_once:
+                grad_tree = GradReducer(layout, overlap=False).finish(grad_tree)
+            grad_bytes = tree_local_bytes(grad_tree)
+            with comm_once, torch.no_grad():
+                opt.apply_(params, grad_tree, state)
         bucket_bytes = GradReducer(layout).buffer_bytes(inputs)
         if n_stages > 1 and model.shared is not None:
             _count_shared(comm_once, grad_tree, model.shared(chunk, total_stages))
-        opt = distributed_optimizer(model.optimizer(), layout, max_grad_norm=1.0, offload=offload)
-        state = opt.init(params)
         opt_bytes = tree_local_bytes(state)
-        with comm_once, torch.no_grad():
-            opt.apply_(params, grad_tree, state)
-    return saved, peak, grad_bytes, bucket_bytes, opt_bytes
+    return saved, live.peak, grad_bytes, bucket_bytes, opt_bytes
 
 
 def _count_boundary_sends(meter: CommMeter, per: int, chunks: list[int], total_stages: int,
@@ -272,6 +280,8 @@ def report(result: dict, out=sys.stdout) -> None:
               f"({_gib(s['activation_bytes_per_micro_batch']).strip()} per micro-batch x "
               f"{s['micro_batches_in_flight']} in flight)", file=out)
         print(f"  total             {_gib(s['total_bytes'])}", file=out)
+        print(f"  peak              {_gib(s['peak_bytes'])}   (forward, backward, reduction, optimizer)",
+              file=out)
         print(f"  communication     {_gib(s['comm_sent_bytes'])} sent per step", file=out)
         for key, rec in s["comm"].items():
             kind, n = key.split("@")

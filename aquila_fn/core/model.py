@@ -160,7 +160,7 @@ def check_tokens(tokens: torch.Tensor, vocab_size: int) -> None:
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor | dict) -> torch.Tensor:
-    if isinstance(w, dict):  # weight-only int8 (aquila_fn.core.quantize): per-output-channel scales
+    if isinstance(w, Mapping):  # weight-only int8 (aquila_fn.core.quantize): per-output-channel scales
         return (x @ w["int8"].to(x.dtype).T) * w["scale"].to(x.dtype)
     return x @ w.to(x.dtype).T
 

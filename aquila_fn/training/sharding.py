@@ -100,6 +100,8 @@ def make_loss_sum_fn(layout: Layout, *, reducer: GradReducer | None = None,
     on the mesh: parameters gathered for computation (ZeRO-3 with prefetch, resharded after
     forward: backward gathers each saved weight again, see ReshardAfterForward), the batch split
     over the data axes, the model run on DTensors (each layer compiled with `compile_layers`).
+    In 16-bit compute, backward casts the fp32 weights again rather than keeping their casts
+    (train.recast_weights' mechanism, shared with ZeRO-3's re-gathers).
     Returns this rank's partial sums as plain tensors (the gradient flows back into the DTensor
     parameters). With `reducer`, gradients are reduced in its buckets while backward runs
     (ZeRO-3's reduce-scatters included)."""
@@ -110,8 +112,10 @@ def make_loss_sum_fn(layout: Layout, *, reducer: GradReducer | None = None,
         with layout.activate():
             if reducer is not None:
                 reducer.watch(params)
-            with ReshardAfterForward() if needs_gather(layout) else contextlib.nullcontext() as reshard:
-                p = compute_view(params, layout, stream=LAYERS, reshard=reshard, dtype=kw.get("compute_dtype"),
+            dtype = kw.get("compute_dtype")
+            keep_recipes = needs_gather(layout) or train.recasts(dtype)
+            with ReshardAfterForward() if keep_recipes else contextlib.nullcontext() as reshard:
+                p = compute_view(params, layout, stream=LAYERS, reshard=reshard, dtype=dtype, cast=train.RECAST,
                                  reducer=reducer if reducer is not None and reducer.overlap else None)
                 total, n = model.loss_sum_fn(p, shard_batch(batch, layout), config, **kw)
             total, n = local_value(total), local_value(n)

@@ -146,12 +146,43 @@ def count_tokens(batch: Batch) -> torch.Tensor:
     return (batch["labels"] != IGNORE_INDEX).sum()
 
 
+# Top-level leaves handed out in the compute dtype besides the layers' matrices (not `embed`:
+# an embedding lookup in 16 bits would accumulate its gradient in 16 bits).
+RECAST = ("lm_head",)
+
+
+def recasts(compute_dtype: torch.dtype | None) -> bool:
+    """Whether the forward casts fp32 master weights to a narrower compute dtype."""
+    return compute_dtype is not None and compute_dtype.itemsize < 4
+
+
+def recast_weights(loss_sum_fn: Callable) -> Callable:
+    """`loss_sum_fn` whose backward casts each fp32 master weight to the compute dtype again
+    (the same bits) instead of keeping the 16-bit copy the matmul saved: 2 bytes per parameter
+    less from forward to backward. The layers' weights are cast as the model reads them, and
+    autograd keeps a recipe in place of the cast (parallel.zero.ReshardAfterForward, which
+    keeps ZeRO-3's re-gathers the same way). Inside torch.compile the wrapper steps aside: the
+    compiled graph's partitioner decides what is saved (a cast of a graph input is cheap to
+    recompute, and it recomputes it)."""
+    from parallel.zero import ReshardAfterForward, compute_view
+
+    def loss_sum(params, batch, config, **kw):
+        dtype = kw.get("compute_dtype")
+        if not recasts(dtype) or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return loss_sum_fn(params, batch, config, **kw)
+        with ReshardAfterForward() as recipes:
+            p = compute_view(params, None, stream="layers", reshard=recipes, dtype=dtype, cast=RECAST)
+            return loss_sum_fn(p, batch, config, **kw)
+
+    return loss_sum
+
+
 def make_loss(config: ModelConfig, *, compute_dtype: torch.dtype | None = None, recompute: str = "none",
               impl: str = "auto", loss_sum_fn: Callable | None = None) -> Callable:
     """`loss(params, batch) -> (loss_sum fp32, n_tokens)` with the policies bound."""
     if recompute not in model.RECOMPUTE_POLICIES:
         raise ValueError(f"recompute={recompute!r}; expected one of {model.RECOMPUTE_POLICIES}")
-    base = loss_sum_fn or model.loss_sum_fn
+    base = loss_sum_fn or recast_weights(model.loss_sum_fn)
 
     def loss(params, batch):
         return base(params, batch, config, compute_dtype=compute_dtype, impl=impl, recompute=recompute)
